@@ -1,0 +1,210 @@
+"""Train the MiniMind byte-level BPE tokenizer (vocab 6400) from jsonl files and save it in Hugging Face format.
+
+The result loads offline with `AutoTokenizer.from_pretrained(out_dir)`. Byte-level BPE (GPT-2 style pre-tokenizer
+without a prefix space, byte-level decoder) means every string - Chinese, emoji, code, tabs, runs of spaces -
+round-trips byte-exactly, and no input is ever unknown.
+
+Fixed ids, in this order (the model, the datasets and the chat template rely on them):
+    0 <|endoftext|>   pad / unk                      (special)
+    1 <|im_start|>    bos, starts every chat turn    (special)
+    2 <|im_end|>      eos, ends every chat turn      (special)
+    3 <think>  4 </think>  5 <answer>  6 </answer>   (single tokens, NOT special: they survive
+                                                       decode(..., skip_special_tokens=True))
+
+Input lines: with `--field auto` (default) a `{"text": str}` line contributes its text and a
+`{"conversations": [{"role", "content"}, ...]}` line contributes every `content`; `--field NAME` reads key NAME
+(a string, or a list of messages whose contents are used).
+
+The shipped tokenizer in model/minimind_tokenizer/ was trained with (run from the repository root, ~15 s):
+
+    python scripts/train_tokenizer.py \
+        --data_path ../shared/data/pretrain_mini.jsonl ../shared/data/sft_mini.jsonl \
+        --vocab_size 6400 --out_dir model/minimind_tokenizer
+
+Training is deterministic: re-running the command gives byte-identical files.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+PAD_TOKEN = "<|endoftext|>"
+BOS_TOKEN = "<|im_start|>"
+EOS_TOKEN = "<|im_end|>"
+CHATML_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+RESERVED_TOKENS = CHATML_TOKENS + TAG_TOKENS  # ids 0..6, in this order
+
+# ChatML. No default system prompt is injected; an unknown role is a template error rather than silent output.
+CHAT_TEMPLATE = """\
+{%- for message in messages -%}
+    {%- if message['role'] not in ['system', 'user', 'assistant'] -%}
+        {{- raise_exception('MiniMind chat template: unknown role ' ~ message['role']|tojson ~ ' in message '
+                            ~ loop.index0 ~ ' (expected system, user or assistant)') -}}
+    {%- endif -%}
+    {{- '<|im_start|>' ~ message['role'] ~ '\\n' ~ message['content'] ~ '<|im_end|>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\\n' -}}
+{%- endif -%}
+"""
+
+
+def _texts_of_record(record: object, field: str, where: str) -> list[str]:
+    """The strings one parsed jsonl line contributes; `where` ("file:line") names the line in errors."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if field == "auto":
+        if "text" in record:
+            field = "text"
+        elif "conversations" in record:
+            field = "conversations"
+        else:
+            raise ValueError(f"{where}: no 'text' or 'conversations' field (keys: {sorted(record)}); pass --field")
+    if field not in record:
+        raise ValueError(f"{where}: missing field '{field}'")
+    value = record[field]
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        texts = []
+        for index, message in enumerate(value):
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                raise ValueError(f"{where}: field '{field}[{index}]' must be an object with a string 'content'")
+            texts.append(message["content"])
+        return texts
+    raise ValueError(f"{where}: field '{field}' must be a string or a list of messages, got {type(value).__name__}")
+
+
+def iter_texts(data_paths: Sequence[str | Path], field: str = "auto", max_chars: int | None = None) -> Iterator[str]:
+    """Yield the training strings of every file in order, stopping once `max_chars` characters were yielded."""
+    remaining = max_chars
+    for path in data_paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer training data not found: {path}")
+        with path.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{where}: invalid JSON ({error.msg})") from error
+                for text in _texts_of_record(record, field, where):
+                    if remaining is not None:
+                        text = text[:remaining]
+                        remaining -= len(text)
+                    if text:
+                        yield text
+                    if remaining == 0:
+                        return
+
+
+def build_bpe_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE whose ids 0..6 are RESERVED_TOKENS; the four tags are marked non-special."""
+    minimum = len(RESERVED_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size <= minimum:
+        raise ValueError(f"--vocab_size must exceed {minimum} (7 reserved tokens + 256 byte symbols), got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=RESERVED_TOKENS,  # the trainer gives these ids 0..6 in list order
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so any input is encodable
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    # The trainer registers all reserved tokens as special; the tags must stay visible in skip_special decoding.
+    serialized = json.loads(tokenizer.to_str())
+    for added in serialized["added_tokens"]:
+        added["special"] = added["content"] in CHATML_TOKENS
+    return Tokenizer.from_str(json.dumps(serialized, ensure_ascii=False))
+
+
+def train_tokenizer(
+    data_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    vocab_size: int = 6400,
+    field: str = "auto",
+    max_chars: int | None = None,
+    model_max_length: int = 32768,
+) -> PreTrainedTokenizerFast:
+    """Train on `data_paths`, save the Hugging Face files to `out_dir`, and return the tokenizer reloaded from disk."""
+    bpe = build_bpe_tokenizer(iter_texts(data_paths, field, max_chars), vocab_size)
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=PAD_TOKEN,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,  # decoding must be byte-exact, not "cleaned"
+        chat_template=CHAT_TEMPLATE,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_tokenizer.save_pretrained(out_dir)
+    _name_portable_tokenizer_class(out_dir)
+    reloaded = AutoTokenizer.from_pretrained(out_dir)
+    check_tokenizer(reloaded)
+    return reloaded
+
+
+def _name_portable_tokenizer_class(out_dir: Path) -> None:
+    """Record the class as PreTrainedTokenizerFast: transformers 5 loads it as its TokenizersBackend alias, and
+    transformers 4.x (which has no TokenizersBackend) can load the folder too."""
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Raise if a saved tokenizer lost the reserved ids, the special-token roles or byte-exact round-tripping."""
+    for expected_id, token in enumerate(RESERVED_TOKENS):
+        actual = tokenizer.convert_tokens_to_ids(token)
+        if actual != expected_id:
+            raise RuntimeError(f"token {token!r} has id {actual}, expected {expected_id}")
+    if (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) != (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN):
+        raise RuntimeError(f"wrong bos/eos/pad: {tokenizer.bos_token!r}, {tokenizer.eos_token!r}, {tokenizer.pad_token!r}")
+    sample = "MiniMind 你好 🙂\n\tx  = 1  \n<think>\nok\n</think>"
+    ids = tokenizer.encode(sample, add_special_tokens=False)
+    if tokenizer.decode(ids, skip_special_tokens=True) != sample:
+        raise RuntimeError("saved tokenizer does not round-trip text byte-exactly")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    parser.add_argument("--data_path", nargs="+", required=True, help="one or more jsonl files to train on")
+    parser.add_argument("--field", default="auto",
+                        help="'auto' ('text' or every 'conversations' content) or the name of the field to read")
+    parser.add_argument("--max_chars", type=int, default=None, help="stop reading after this many characters")
+    # tokenizer
+    parser.add_argument("--vocab_size", type=int, default=6400, help="final vocabulary size, reserved tokens included")
+    parser.add_argument("--model_max_length", type=int, default=32768, help="model_max_length in tokenizer_config.json")
+    parser.add_argument("--out_dir", default="model/minimind_tokenizer", help="where the Hugging Face files go")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
+    args = parse_args(argv)
+    tokenizer = train_tokenizer(args.data_path, args.out_dir, args.vocab_size, args.field, args.max_chars,
+                                args.model_max_length)
+    reached = len(tokenizer)
+    print(f"saved tokenizer with vocab {reached} to {args.out_dir}")
+    if reached < args.vocab_size:
+        print(f"warning: the corpus only supported {reached} of the requested {args.vocab_size} tokens "
+              f"(too little text)", file=sys.stderr)
+    return tokenizer
+
+
+if __name__ == "__main__":
+    main()

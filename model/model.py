@@ -410,7 +410,8 @@ class MiniMindLM(nn.Module):
                 finished |= next_token == eos_token_id
                 if bool(finished.all()):
                     return
-            step_input = next_token[:, None]
+            # a finished row keeps feeding eos (a real token id) so its cache stays valid; its output is ignored
+            step_input = (next_token if eos_token_id is None else next_token.masked_fill(finished, eos_token_id))[:, None]
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
 

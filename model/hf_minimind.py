@@ -73,10 +73,7 @@ def native_to_llama_state_dict(state: dict[str, torch.Tensor], config: LMConfig)
     embedding); tie_word_embeddings=True tells loaders to reuse it for lm_head."""
     if config.use_moe:
         raise ValueError("a MoE model has no LlamaForCausalLM equivalent; export it with save_hf_folder (remote code)")
-    expected = set(minimind_state_keys(config))
-    if set(state) != expected:
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"state dict does not match the config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    check_state_matches(state, config, "state dict")
     out = {hf: state[ours] for ours, hf in GLOBAL_NAMES.items()}
     for i in range(config.n_layers):
         for ours, hf in LAYER_NAMES.items():
@@ -113,13 +110,22 @@ def llama_to_native_state_dict(state: dict[str, torch.Tensor], config: LMConfig,
     unexpected = set(state) - known - set(GLOBAL_NAMES.values()) - {"lm_head.weight"}
     if unexpected:
         raise ValueError(f"{source}: unexpected weights {sorted(unexpected)[:4]} (not a MiniMind-shaped Llama)")
+    check_state_matches(out, config, source)
     return out
 
 
-def minimind_state_keys(config: LMConfig) -> list[str]:
-    """The state-dict keys of a MiniMindLM with this config (built on the meta device: no memory, no init)."""
-    with torch.device("meta"):
-        return list(MiniMindLM(config).state_dict())
+def check_state_matches(state: dict[str, torch.Tensor], config: LMConfig, source: str) -> None:
+    """Raise ValueError, naming source, unless state has exactly the keys and shapes of MiniMindLM(config)."""
+    with torch.device("meta"):  # no memory, no init
+        expected = {k: v.shape for k, v in MiniMindLM(config).state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the model config (use_moe={config.use_moe}, n_layers="
+                         f"{config.n_layers}): missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, the config (dim={config.dim}, "
+                             f"n_heads={config.n_heads}, n_kv_heads={config.n_kv_heads}) expects {tuple(shape)}")
 
 
 def rope_parameters_for_hf(config: LMConfig) -> dict:
@@ -237,6 +243,11 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: LMConfig):
         super().__init__(config)
         self.model = MiniMindLM(config)
+        # from_pretrained builds the model on the meta device; the RoPE frequencies MiniMindLM computes in its
+        # __init__ are not weights, nothing would load them, so they are computed on the CPU here.
+        with torch.device("cpu"):
+            inv_freq, _ = rope_frequencies(config.dim // config.n_heads, config.rope_theta, config.inference_rope_scaling)
+        self.model._inv_freq = {inv_freq.device: inv_freq}
         self.post_init()
 
     def get_input_embeddings(self) -> torch.nn.Module:
@@ -250,19 +261,9 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def _init_weights(self, module: torch.nn.Module) -> None:
-        """Only for weights missing from a checkpoint: the same init as MiniMindLM. Also rebuilds the RoPE
-        frequencies, which are computed in __init__ and would be empty if that ran on the meta device."""
+        """Runs only for weights a checkpoint lacks: the same init as MiniMindLM's."""
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, MiniMindLM):
-            self._rebuild_rope(module)
-
-    @staticmethod
-    def _rebuild_rope(module: MiniMindLM) -> None:
-        if any(t.is_meta for t in module._inv_freq.values()):
-            config = module.config
-            inv_freq, _ = rope_frequencies(config.dim // config.n_heads, config.rope_theta, config.inference_rope_scaling)
-            module._inv_freq = {inv_freq.device: inv_freq}
 
     def forward(
         self,
@@ -275,7 +276,6 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        self._rebuild_rope(self.model)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         native_past = [(layer.keys, layer.values) for layer in past_key_values.layers] if past_len else None
         out = self.model(input_ids, attention_mask=attention_mask, past_key_values=native_past,
@@ -297,15 +297,16 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 def save_hf_folder(state: dict[str, torch.Tensor], config: LMConfig, hf_path: str, tokenizer,
-                   dtype: torch.dtype | None = None) -> None:
+                   dtype: torch.dtype | None = None, source: str = "state dict") -> None:
     """Write a Hugging Face model folder: config.json, model.safetensors, generation_config.json, tokenizer files
-    (with the chat template); plus the model code for MoE models. dtype None keeps the weights' dtype."""
+    (with the chat template); plus the model code for MoE models. dtype None keeps the weights' dtype.
+    source names the weights in error messages."""
+    check_state_matches(state, config, source)
     os.makedirs(hf_path, exist_ok=True)
-    tied_output = state.get("output.weight")
+    if not torch.equal(state["output.weight"], state["tok_embeddings.weight"]):
+        raise ValueError(f"{source}: output.weight differs from tok_embeddings.weight; MiniMind ties them")
     state = {k: v.detach().to("cpu", dtype=dtype or v.dtype) for k, v in state.items()}
     dtype = state["tok_embeddings.weight"].dtype
-    if tied_output is not None and not torch.equal(tied_output.cpu().to(dtype), state["tok_embeddings.weight"]):
-        raise ValueError("output.weight differs from tok_embeddings.weight; MiniMind exports need tied embeddings")
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     if config.use_moe:
@@ -322,7 +323,7 @@ def save_hf_folder(state: dict[str, torch.Tensor], config: LMConfig, hf_path: st
         for name in REMOTE_CODE_FILES:
             shutil.copyfile(os.path.join(here, name), os.path.join(hf_path, name))
     else:
-        weights = native_to_llama_state_dict(state | {"output.weight": state["tok_embeddings.weight"]}, config)
+        weights = native_to_llama_state_dict(state, config)
         llama_config_for(config, dtype, **ids).save_pretrained(hf_path)
     save_file(weights, os.path.join(hf_path, WEIGHTS_NAME), metadata={"format": "pt"})
     GenerationConfig(**ids).save_pretrained(hf_path)
@@ -370,6 +371,8 @@ def load_hf_folder(hf_path: str) -> tuple[LMConfig, dict[str, torch.Tensor]]:
         config = LMConfig(**{k: v for k, v in cfg.items() if k in lmconfig_fields()})
         prefix = f"{MiniMindForCausalLM.base_model_prefix}."
         state = {k.removeprefix(prefix): v for k, v in weights.items()}
-        state.setdefault("output.weight", state.get("tok_embeddings.weight"))
+        if "tok_embeddings.weight" in state:
+            state.setdefault("output.weight", state["tok_embeddings.weight"])
+        check_state_matches(state, config, hf_path)
         return config, state
     raise ValueError(f"{config_path}: model_type {model_type!r} is neither 'llama' nor {LMConfig.model_type!r}")

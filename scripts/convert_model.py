@@ -1,0 +1,102 @@
+"""Convert MiniMind weights between the native .pth format and a Hugging Face model folder.
+
+Run:
+    # native -> HF. Dense models become a plain LlamaForCausalLM (no trust_remote_code needed; vLLM, llama.cpp's
+    # convert_hf_to_gguf.py and lm-eval read it); MoE models ship the MiniMind code (trust_remote_code=True).
+    python scripts/convert_model.py torch2hf --weight out/full_sft_512.pth --hf_path MiniMind2-Small
+    python scripts/convert_model.py torch2hf --weight out/full_sft_640_moe.pth --hf_path MiniMind2-MoE \
+        --dim 640 --use_moe 1 --dtype bfloat16
+
+    # HF -> native (exactly the original tensors for a folder written by torch2hf)
+    python scripts/convert_model.py hf2torch --hf_path MiniMind2-Small --weight out/full_sft_512.pth
+
+The conversion itself lives in model/hf_minimind.py (tested, and reused by `load_model(--load 1)`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/convert_model.py` from anywhere
+
+from transformers import AutoTokenizer  # noqa: E402
+
+from model.hf_minimind import load_hf_folder, save_hf_folder  # noqa: E402
+from model.inference import DEFAULT_TOKENIZER, read_native_state_dict  # noqa: E402
+from model.LMConfig import LMConfig  # noqa: E402
+
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_to_hf(weight: str, hf_path: str, *, dim: int = 512, n_layers: int = 8, n_heads: int = 8,
+                n_kv_heads: int = 2, use_moe: bool = False, max_seq_len: int = 8192,
+                tokenizer_path: str = DEFAULT_TOKENIZER, dtype: torch.dtype | None = None) -> LMConfig:
+    """Export a native .pth to a Hugging Face folder (dtype None keeps the checkpoint's dtype). The vocabulary
+    size is read from the weights; the other architecture fields must be given as trained (checked by shape)."""
+    if not os.path.isfile(weight):
+        raise FileNotFoundError(f"weights not found: {weight}")
+    state = read_native_state_dict(weight)
+    config = LMConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                      vocab_size=state["tok_embeddings.weight"].shape[0], use_moe=use_moe, max_seq_len=max_seq_len)
+    save_hf_folder(state, config, hf_path, AutoTokenizer.from_pretrained(tokenizer_path), dtype=dtype, source=weight)
+    return config
+
+
+def hf_to_torch(hf_path: str, weight: str, dtype: torch.dtype | None = None) -> LMConfig:
+    """Import a Hugging Face folder as a native .pth (written atomically); returns the config it describes."""
+    config, state = load_hf_folder(hf_path)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+        state["output.weight"] = state["tok_embeddings.weight"]  # keep the tie (one tensor, stored once)
+    os.makedirs(os.path.dirname(os.path.abspath(weight)), exist_ok=True)
+    tmp = f"{weight}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, weight)
+    return config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Convert MiniMind weights: native .pth <-> Hugging Face folder")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    export = sub.add_parser("torch2hf", help="native .pth -> Hugging Face folder")
+    export.add_argument("--weight", required=True, help="native weights, e.g. out/full_sft_512.pth")
+    export.add_argument("--hf_path", required=True, help="output folder")
+    export.add_argument("--dim", type=int, default=512, help="hidden size the weights were trained with")
+    export.add_argument("--n_layers", type=int, default=8, help="number of decoder blocks")
+    export.add_argument("--n_heads", type=int, default=8, help="attention heads")
+    export.add_argument("--n_kv_heads", type=int, default=2, help="key/value heads")
+    export.add_argument("--use_moe", type=int, default=0, choices=(0, 1), help="1: mixture-of-experts model")
+    export.add_argument("--max_seq_len", type=int, default=8192, help="context length written to the config")
+    export.add_argument("--tokenizer_path", default=DEFAULT_TOKENIZER, help="tokenizer copied into the folder")
+    export.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weight dtype (auto: keep)")
+
+    imp = sub.add_parser("hf2torch", help="Hugging Face folder -> native .pth")
+    imp.add_argument("--hf_path", required=True, help="folder written by torch2hf (or a MiniMind-shaped Llama)")
+    imp.add_argument("--weight", required=True, help="output .pth")
+    imp.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weight dtype (auto: keep)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    if args.command == "torch2hf":
+        config = torch_to_hf(args.weight, args.hf_path, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
+                             n_kv_heads=args.n_kv_heads, use_moe=bool(args.use_moe), max_seq_len=args.max_seq_len,
+                             tokenizer_path=args.tokenizer_path, dtype=dtype)
+        kind = "MiniMind MoE (load with trust_remote_code=True)" if config.use_moe else "LlamaForCausalLM"
+        print(f"wrote {args.hf_path} ({kind})")
+    else:
+        config = hf_to_torch(args.hf_path, args.weight, dtype)
+        moe = " --use_moe 1" if config.use_moe else ""
+        print(f"wrote {args.weight} (load with --dim {config.dim} --n_layers {config.n_layers} "
+              f"--n_heads {config.n_heads} --n_kv_heads {config.n_kv_heads}{moe})")
+
+
+if __name__ == "__main__":
+    main()

@@ -173,7 +173,8 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerFast) -> None:
         if actual != expected_id:
             raise RuntimeError(f"token {token!r} has id {actual}, expected {expected_id}")
     if (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) != (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN):
-        raise RuntimeError(f"wrong bos/eos/pad: {tokenizer.bos_token!r}, {tokenizer.eos_token!r}, {tokenizer.pad_token!r}")
+        raise RuntimeError(f"wrong bos/eos/pad: {tokenizer.bos_token!r}, {tokenizer.eos_token!r}, "
+                           f"{tokenizer.pad_token!r}")
     sample = "MiniMind 你好 🙂\n\tx  = 1  \n<think>\nok\n</think>"
     ids = tokenizer.encode(sample, add_special_tokens=False)
     if tokenizer.decode(ids, skip_special_tokens=True) != sample:

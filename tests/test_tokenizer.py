@@ -27,7 +27,8 @@ def tokenizer():
 
 def test_loads_with_expected_roles(tokenizer):
     assert len(tokenizer) == 6400
-    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id) == (1, 2, 0, 0)
+    roles = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
+    assert roles == (1, 2, 0, 0)
     assert sorted(tokenizer.all_special_ids) == [0, 1, 2]
     assert tokenizer.model_max_length == 32768
 
@@ -68,7 +69,8 @@ def test_special_tokens_and_tags_are_single_ids(tokenizer):
 def test_skip_special_tokens_drops_chatml_but_keeps_tags(tokenizer):
     text = "<|im_start|>assistant\n<think>\nx\n</think>\n<answer>\ny\n</answer><|im_end|>\n<|endoftext|>"
     ids = tokenizer.encode(text, add_special_tokens=False)
-    assert tokenizer.decode(ids, skip_special_tokens=True) == "assistant\n<think>\nx\n</think>\n<answer>\ny\n</answer>\n"
+    visible = "assistant\n<think>\nx\n</think>\n<answer>\ny\n</answer>\n"
+    assert tokenizer.decode(ids, skip_special_tokens=True) == visible
 
 
 CONVERSATION = [

@@ -1,0 +1,459 @@
+"""OpenAI-compatible HTTP server for a MiniMind checkpoint (FastAPI + uvicorn).
+
+Serves `POST /v1/chat/completions` (streamed as server-sent events or as one JSON body), `GET /v1/models` and
+`GET /health`, so the official `openai` client and tools built on it (LangChain, Open WebUI, ...) can talk to a
+local model.
+
+Run (model flags are the same as eval_model.py's):
+    python scripts/serve_openai_api.py --load 0 --model_mode 1 --dim 512 --n_layers 8          # out/full_sft_512.pth
+    python scripts/serve_openai_api.py --load 1 --hf_path MiniMind2 --port 8998 --api_key sk-local
+    python scripts/serve_openai_api.py --model_mode 3 --host 0.0.0.0                            # reasoning model, exposed
+Then:
+    python scripts/chat_openai_api.py --base_url http://127.0.0.1:8998/v1
+
+Generation is CPU/GPU bound, so it runs on one worker thread, never on the event loop: requests queue up in
+arrival order and are answered one after the other, while `/health` and new connections stay responsive.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `model` when run as `python scripts/...`
+
+from model.inference import (  # noqa: E402
+    MODEL_MODES,
+    PRETRAIN_MODE,
+    THINK_OPEN,
+    GenerationResult,
+    ReasoningStream,
+    add_model_args,
+    load_model,
+    stream_chat,
+)
+
+DEFAULT_MAX_TOKENS = 512
+REASON_MODE = 3  # model_mode whose replies are "[<think>]...</think><answer>...</answer>"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Request schema: the subset of OpenAI's chat-completions body that a local model can honour
+
+
+class TextPart(BaseModel):
+    """One element of a list-valued `content` (the vision-era message format); only text is understood."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def as_plain(self) -> dict[str, str]:
+        """{"role", "content"} with list content joined and `developer` (OpenAI's new name) mapped to system."""
+        if isinstance(self.content, list):
+            text = "".join(part.text for part in self.content)
+        else:
+            text = self.content or ""
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """Unknown OpenAI fields (user, logprobs, presence_penalty, ...) are accepted and ignored, as clients send them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(0.85, ge=0.0, le=2.0)
+    top_p: float = Field(0.85, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1)
+    # Not in OpenAI's API; clients pass them through `extra_body`.
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+
+    @field_validator("stop")
+    @classmethod
+    def stop_as_list(cls, value: str | list[str] | None) -> list[str] | None:
+        stops = [value] if isinstance(value, str) else value
+        if stops is not None and any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stops or None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OpenAI-style errors
+
+
+class APIError(Exception):
+    """An error returned to the client as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """422 naming the first offending field by its path in the body, e.g. `messages.0.role`."""
+    first = exc.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    message = f"{param}: {first['msg']}" if param else first["msg"]
+    return APIError(422, message, param=param, code=first["type"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reasoning replies
+
+
+class ReplySplitter:
+    """Splits a streamed reply into (reasoning delta, answer delta) pairs, trimmed as split_reasoning trims.
+
+    model.inference.ReasoningStream routes text by the <think>/</think> tags. Once a reply has a think part,
+    whitespace at both ends of the think part and of the answer is dropped (trailing whitespace is held back until
+    more text of the same kind follows), so the deltas of a `[<think>]...</think>...` reply join to exactly
+    split_reasoning(reply). A reply without a think part passes through untouched.
+    """
+
+    def __init__(self, reasoning: bool):
+        self.router = ReasoningStream()
+        self.has_reasoning = reasoning  # report reasoning_content: always for a reasoning model, else once seen
+        if reasoning:  # its reply starts inside the think part even when the model leaves out the opening tag
+            self.router.feed(THINK_OPEN)
+        self.started = {"think": False, "answer": False}
+        self.held_space = {"think": "", "answer": ""}
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        return self._trim(self.router.feed(delta))
+
+    def close(self) -> tuple[str, str]:
+        """The text held back at the end of the reply (trailing whitespace is dropped)."""
+        return self._trim(self.router.close())
+
+    def _trim(self, pieces: list[tuple[str, str]]) -> tuple[str, str]:
+        out = {"think": "", "answer": ""}
+        for kind, text in pieces:
+            self.has_reasoning |= kind == "think"
+            if not self.has_reasoning:
+                out[kind] += text
+                continue
+            if not self.started[kind]:
+                text = text.lstrip()
+                if not text:
+                    continue
+                self.started[kind] = True
+            body = text.rstrip()
+            if body:
+                out[kind] += self.held_space[kind] + body
+                self.held_space[kind] = text[len(body) :]
+            else:
+                self.held_space[kind] += text
+        return out["think"], out["answer"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation off the event loop
+
+
+class GenerationWorker:
+    """Runs chat generations one at a time on a single background thread.
+
+    A one-thread executor is both the lock and a fair (first come, first served) queue for the model; the event
+    loop only awaits text deltas handed over with `call_soon_threadsafe`, so it never blocks on the model.
+    """
+
+    def __init__(self, model, tokenizer, max_context: int, continuation: bool):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_context, self.continuation = max_context, continuation
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minimind-generate")
+        self.count_lock = threading.Lock()
+        self.pending = 0  # requests accepted and not finished, reported by /health
+
+    def _count(self, change: int) -> None:
+        with self.count_lock:
+            self.pending += change
+
+    async def stream(self, messages: list[dict[str, str]], **sampling) -> AsyncIterator[str | GenerationResult]:
+        """Yield the reply's text deltas, then its GenerationResult. Closing this generator early (the client
+        went away) stops the generation before its next token."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def hand_over(kind: str, value: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                cancelled.set()
+
+        def run() -> None:
+            try:
+                chat = stream_chat(self.model, self.tokenizer, messages, max_context=self.max_context,
+                                   continuation=self.continuation, **sampling)
+                while not cancelled.is_set():
+                    try:
+                        delta = next(chat)
+                    except StopIteration as finished:
+                        hand_over("result", finished.value)
+                        return
+                    hand_over("delta", delta)
+                chat.close()
+            except Exception as exc:  # reported to this request's client; the worker thread serves the next one
+                hand_over("error", exc)
+            finally:
+                self._count(-1)
+
+        self._count(+1)
+        loop.run_in_executor(self.executor, run)
+        try:
+            while True:
+                kind, value = await events.get()
+                if kind == "error":
+                    raise value
+                yield value
+                if kind == "result":
+                    return
+        finally:
+            cancelled.set()
+
+    def close(self) -> None:
+        """Drop queued requests and let the running one stop (its client is gone when the server stops)."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(
+    model,
+    tokenizer,
+    model_name: str = "minimind",
+    api_key: str | None = None,
+    max_context: int | None = None,
+    model_mode: int = 1,
+) -> FastAPI:
+    """The FastAPI app serving `model` (a MiniMindLM in eval mode) and its tokenizer.
+
+    max_context bounds prompt + reply tokens (default: the model's max_seq_len); longer conversations lose their
+    oldest turns, then tokens from the left, the system message kept. model_mode is eval_model.py's: 0 continues
+    the last message as raw text (pretrained model), 3 returns the think part as `reasoning_content`.
+    """
+    if model_mode not in MODEL_MODES:
+        raise ValueError(f"model_mode must be one of {sorted(MODEL_MODES)}, got {model_mode}")
+    reasoning = model_mode == REASON_MODE
+    worker = GenerationWorker(model, tokenizer, max_context or model.config.max_seq_len, model_mode == PRETRAIN_MODE)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        worker.close()
+
+    app = FastAPI(title="MiniMind OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.worker = worker
+    started = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # unknown path, wrong method
+        code = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        error = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    def check_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.", code="invalid_api_key")
+
+    async def parse_request(request: Request) -> ChatCompletionRequest:
+        """Auth first, then JSON, then the schema, so each failure gets its own status (401, 400, 422)."""
+        check_api_key(request)
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        try:
+            return ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, "pending_requests": worker.pending}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        check_api_key(request)
+        card = {"id": model_name, "object": "model", "created": started, "owned_by": "minimind"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await parse_request(request)
+        sampling = dict(
+            max_new_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            repetition_penalty=req.repetition_penalty,
+            seed=req.seed,
+            stop=req.stop,
+        )
+        stream = worker.stream([m.as_plain() for m in req.messages], **sampling)
+        header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model or model_name}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                sse_events(stream, header, ReplySplitter(reasoning), include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return await complete(stream, header, ReplySplitter(reasoning))
+
+    return app
+
+
+def generation_failed(exc: Exception) -> APIError:
+    return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
+
+
+def usage_of(result: GenerationResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+async def complete(stream: AsyncIterator[str | GenerationResult], header: dict, splitter: ReplySplitter) -> dict[str, Any]:
+    """The whole `chat.completion` body, once generation is over."""
+    thinking, answer = [], []
+    try:
+        async for item in stream:
+            if isinstance(item, GenerationResult):
+                result = item
+                think, text = splitter.close()
+            else:
+                think, text = splitter.feed(item)
+            thinking.append(think)
+            answer.append(text)
+    except Exception as exc:
+        raise generation_failed(exc) from exc
+    message = {"role": "assistant", "content": "".join(answer)}
+    if splitter.has_reasoning:
+        message["reasoning_content"] = "".join(thinking)
+    return {
+        **header,
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}],
+        "usage": usage_of(result),
+    }
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    """One server-sent event; the blank line ending it is what makes a client dispatch it."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+async def sse_events(
+    stream: AsyncIterator[str | GenerationResult], header: dict, splitter: ReplySplitter, include_usage: bool
+) -> AsyncIterator[str]:
+    """`chat.completion.chunk` events: the role chunk, content / reasoning_content chunks (finish_reason null),
+    an empty-delta chunk carrying finish_reason, the usage chunk (`choices: []`) if asked for, then [DONE].
+    A failure mid-stream is sent as an {"error": ...} event, which ends the stream."""
+
+    def chunk(delta: dict[str, str], finish_reason: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return sse({**header, "object": "chat.completion.chunk", "choices": [choice]})
+
+    def delta_chunks(think: str, text: str) -> list[str]:
+        return ([chunk({"reasoning_content": think})] if think else []) + ([chunk({"content": text})] if text else [])
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for item in stream:
+            if isinstance(item, GenerationResult):
+                for event in delta_chunks(*splitter.close()):
+                    yield event
+                yield chunk({}, item.finish_reason)
+                if include_usage:
+                    yield sse({**header, "object": "chat.completion.chunk", "choices": [], "usage": usage_of(item)})
+            else:
+                for event in delta_chunks(*splitter.feed(item)):
+                    yield event
+    except Exception as exc:
+        yield sse(generation_failed(exc).body())
+        return
+    finally:
+        await stream.aclose()
+    yield sse("[DONE]")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="OpenAI-compatible chat server for a MiniMind checkpoint")
+    add_model_args(parser)
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server to the network")
+    server.add_argument("--port", type=int, default=8998)
+    server.add_argument("--api_key", default=None, help="if set, requests must send `Authorization: Bearer <key>`")
+    server.add_argument("--model_name", default=None, help="model id reported by /v1/models (default: minimind-{stage})")
+    args = parser.parse_args()
+
+    import uvicorn
+
+    model, tokenizer = load_model(args)
+    name = args.model_name or f"minimind-{MODEL_MODES[args.model_mode]}"
+    app = create_app(model, tokenizer, model_name=name, api_key=args.api_key, max_context=args.max_seq_len,
+                     model_mode=args.model_mode)
+    print(f"serving {name} ({model.num_parameters() / 1e6:.1f}M parameters) on http://{args.host}:{args.port}/v1")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

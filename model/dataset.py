@@ -174,6 +174,7 @@ class JsonlRecords:
         # Each process opens its own handle: a handle inherited through fork shares its file position with the
         # parent and the other workers, so concurrent seek+read would interleave.
         if self._handle is None or self._handle_pid != os.getpid():
+            self.close()  # in a forked child this closes only the child's copy of the parent's descriptor
             self._handle = open(self.path, "rb")
             self._handle_pid = os.getpid()
         self._handle.seek(int(self.offsets[index]))
@@ -195,6 +196,16 @@ class JsonlRecords:
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from error
         return record
+
+    def close(self) -> None:
+        """Close this process's file handle; the next access reopens it."""
+        handle = getattr(self, "_handle", None)  # absent when __init__ failed before opening anything
+        if handle is not None:
+            handle.close()
+        self._handle, self._handle_pid = None, None
+
+    def __del__(self) -> None:
+        self.close()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -47,7 +47,8 @@ from model.inference import (  # noqa: E402
     stream_chat,
 )
 
-DEFAULT_MAX_TOKENS = 512
+DEFAULT_MAX_TOKENS = 512  # when a request names no max_tokens; the context length bounds it as well
+DEFAULT_TEMPERATURE = DEFAULT_TOP_P = 0.85  # MiniMind's usual sampling, when a request leaves them out (or null)
 REASON_MODE = 3  # model_mode whose replies are "[<think>]...</think><answer>...</answer>"
 
 
@@ -84,21 +85,22 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """Unknown OpenAI fields (user, logprobs, presence_penalty, ...) are accepted and ignored, as clients send them."""
+    """Unknown OpenAI fields (user, logprobs, presence_penalty, ...) are accepted and ignored, as clients send them;
+    null means "the default", as in OpenAI's API."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    temperature: float = Field(0.85, ge=0.0, le=2.0)
-    top_p: float = Field(0.85, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=1)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # the range torch.Generator.manual_seed accepts
+    n: int | None = Field(1, ge=1, le=1)
     # Not in OpenAI's API; clients pass them through `extra_body`.
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0.0)
@@ -133,6 +135,10 @@ def validation_error(exc: ValidationError) -> APIError:
     param = ".".join(str(part) for part in first["loc"]) or None
     message = f"{param}: {first['msg']}" if param else first["msg"]
     return APIError(422, message, param=param, code=first["type"])
+
+
+def generation_failed(exc: Exception) -> APIError:
+    return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,6 +255,27 @@ class GenerationWorker:
         finally:
             cancelled.set()
 
+    async def start(self, messages: list[dict[str, str]], **sampling) -> AsyncIterator[str | GenerationResult]:
+        """stream(), once its first item is there: a request the model cannot take fails before any response is
+        sent. stream_chat raises ValueError for those (a system message longer than the context): 400."""
+        stream = self.stream(messages, **sampling)
+        try:
+            first = await anext(stream)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+        except Exception as exc:
+            raise generation_failed(exc) from exc
+
+        async def first_then_rest() -> AsyncIterator[str | GenerationResult]:
+            try:
+                yield first
+                async for item in stream:
+                    yield item
+            finally:
+                await stream.aclose()
+
+        return first_then_rest()
+
     def close(self) -> None:
         """Drop queued requests and let the running one stop (its client is gone when the server stops)."""
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -337,15 +364,15 @@ def create_app(
         req = await parse_request(request)
         sampling = dict(
             max_new_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
-            temperature=req.temperature,
-            top_p=req.top_p,
+            temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+            top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p,
             top_k=req.top_k,
             repetition_penalty=req.repetition_penalty,
             seed=req.seed,
             stop=req.stop,
         )
-        stream = worker.stream([m.as_plain() for m in req.messages], **sampling)
         header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model or model_name}
+        stream = await worker.start([m.as_plain() for m in req.messages], **sampling)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
@@ -356,10 +383,6 @@ def create_app(
         return await complete(stream, header, ReplySplitter(reasoning))
 
     return app
-
-
-def generation_failed(exc: Exception) -> APIError:
-    return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
 
 
 def usage_of(result: GenerationResult) -> dict[str, int]:

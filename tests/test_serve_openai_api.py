@@ -330,6 +330,18 @@ def test_bad_requests_get_openai_style_errors_and_the_server_keeps_serving(http,
     assert [m.id for m in client.models.list()] == ["minimind-tiny"]
 
 
+def test_a_system_message_longer_than_the_context_is_a_bad_request(tiny):
+    model, tokenizer = tiny
+    http = TestClient(create_app(model, tokenizer, max_context=32))
+    messages = [{"role": "system", "content": "rules " * 40}, {"role": "user", "content": "hi"}]
+    for stream in (False, True):
+        response = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4, "stream": stream})
+        assert response.status_code == 400
+        assert "system message" in response.json()["error"]["message"] and response.json()["error"]["param"] == "messages"
+    nulls = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": None, "top_p": None, "n": None}
+    assert http.post("/v1/chat/completions", json=nulls).json()["usage"]["completion_tokens"] == 2
+
+
 def test_failure_during_streaming_sends_an_error_event(tiny, client):
     model, _ = tiny
     with scripted_output(model, [100, 101, 102, 103], fail_at=2):
@@ -442,3 +454,16 @@ def test_terminal_client_shows_reasoning_apart_and_keeps_history(tiny):
     assert sent == [{"role": "system", "content": "Be brief."}, *history[-2:], {"role": "user", "content": "new"}]
     assert chat_openai_api.conversation(history, "new", argparse.Namespace(**{**vars(args), "history_cnt": 0, "system": None})) == [
         {"role": "user", "content": "new"}]
+
+
+def test_a_client_that_goes_away_stops_its_generation(tiny, live_server):
+    model, _ = tiny
+    with scripted_output(model, [205] * 300, delay=0.02):  # 300 steps: >= 6 s if nobody stopped it
+        began = time.monotonic()
+        body = {"messages": HELLO, "max_tokens": 300, "stream": True}
+        with httpx.stream("POST", f"{live_server}/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as response:
+            next(line for line in response.iter_lines() if '"content": "\\n"' in line)  # generation is under way
+        while httpx.get(f"{live_server}/health", timeout=5).json()["pending_requests"]:
+            assert time.monotonic() - began < 4.0, "the generation went on after its client disconnected"
+            time.sleep(0.05)

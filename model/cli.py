@@ -1,0 +1,138 @@
+"""The command-line flags every `train_*.py` stage shares, defined once.
+
+A stage calls `training_parser(...)` with its own defaults (data file, learning rate, ...), adds its own group of
+flags (e.g. `--beta` for DPO) with `parser.add_argument_group`, and parses. Booleans take explicit values
+(`--use_moe 1`, `--use_wandb false`): argparse's `type=bool` would turn the string "False" into True.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .LMConfig import LMConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TOKENIZER = REPO_ROOT / "model" / "minimind_tokenizer"
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def str2bool(value: str | bool) -> bool:
+    """Parse 1/0, true/false, yes/no, on/off (any case); anything else is an argparse error."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false, yes/no), got {value!r}")
+
+
+def training_parser(
+    description: str,
+    *,
+    data_path: str,
+    learning_rate: float,
+    wandb_project: str,
+    from_weight: str = "none",
+    epochs: int = 1,
+    batch_size: int = 32,
+    accumulation_steps: int = 8,
+    max_seq_len: int = 512,
+    save_interval: int = 100,
+    log_interval: int = 100,
+    warmup_iters: int = 0,
+) -> argparse.ArgumentParser:
+    """The shared flags, grouped as in the stage scripts; keyword arguments are this stage's defaults."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    # Output and logging
+    group = parser.add_argument_group("output and logging")
+    group.add_argument("--out_dir", default="out", help="folder for weights, resume file, metrics and loss plot")
+    group.add_argument("--log_interval", type=int, default=log_interval, help="optimizer steps between log lines")
+    group.add_argument("--use_wandb", type=str2bool, default=False, help="log to Weights & Biases (1/0)")
+    group.add_argument("--report_to", choices=("none", "wandb"), default="none", help="'wandb' is the same as --use_wandb 1")
+    group.add_argument("--wandb_project", default=wandb_project, help="wandb project name")
+    group.add_argument("--wandb_run_name", default=None, help="wandb run name (default: stage, size and hyper-parameters)")
+
+    # Runtime
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
+    group.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="autocast dtype (float16 adds a GradScaler)")
+    group.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
+    group.add_argument("--seed", type=int, default=1337, help="base seed; rank r seeds its RNGs with seed + r")
+
+    # Data
+    group = parser.add_argument_group("data")
+    group.add_argument("--data_path", default=data_path, help="training data (jsonl)")
+    group.add_argument("--tokenizer_path", default=str(DEFAULT_TOKENIZER), help="tokenizer folder")
+    group.add_argument("--max_seq_len", type=int, default=max_seq_len, help="tokens per sample (longer ones are cut)")
+
+    # Model
+    group = parser.add_argument_group("model")
+    group.add_argument("--dim", type=int, default=512, help="hidden size")
+    group.add_argument("--n_layers", type=int, default=8, help="transformer blocks")
+    group.add_argument("--n_heads", type=int, default=8, help="query heads")
+    group.add_argument("--n_kv_heads", type=int, default=2, help="key/value heads (grouped-query attention)")
+    group.add_argument("--use_moe", type=str2bool, default=False, help="mixture-of-experts feed-forward (1/0)")
+    group.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
+    group.add_argument(
+        "--from_weight",
+        default=from_weight,
+        help="starting weights: 'none' (random init), a stage name ('pretrain' -> OUT_DIR/pretrain_{dim}[_moe].pth) or a .pth path",
+    )
+
+    # Optimisation
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, default=epochs, help="passes over the data")
+    group.add_argument("--batch_size", type=int, default=batch_size, help="samples per micro-batch per process")
+    group.add_argument("--accumulation_steps", type=int, default=accumulation_steps, help="micro-batches per optimizer step")
+    group.add_argument("--learning_rate", type=float, default=learning_rate, help="peak learning rate")
+    group.add_argument("--warmup_iters", type=int, default=warmup_iters, help="linear warm-up steps, then cosine to 10%% of peak")
+    group.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
+    group.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 disables)")
+
+    # Horizon and checkpoints
+    group = parser.add_argument_group("horizon and checkpoints")
+    group.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps in total (0: run all epochs)")
+    group.add_argument("--save_interval", type=int, default=save_interval, help="optimizer steps between checkpoints")
+    group.add_argument("--save_dtype", choices=DTYPES, default="float32", help="dtype of the weights file (the resume file is always exact)")
+    group.add_argument("--resume", type=str2bool, default=False, help="continue from the resume file beside the weights (1/0)")
+
+    # Distributed
+    group = parser.add_argument_group("distributed (torchrun sets up DDP by itself)")
+    group.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (e.g. ds_config.json); 'auto' values are filled in")
+    group.add_argument("--zero_stage", type=int, choices=(0, 1, 2), default=None, help="use DeepSpeed with this ZeRO stage")
+    group.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return parser
+
+
+def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check values that argparse cannot check alone."""
+    args = parser.parse_args(argv)
+    if args.report_to == "wandb":
+        args.use_wandb = True
+    for name in ("epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_seq_len"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup_iters", "max_steps", "num_workers"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.learning_rate <= 0:
+        parser.error(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    return args
+
+
+def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> LMConfig:
+    """The LMConfig the model flags describe, with the tokenizer's vocabulary size."""
+    return LMConfig(
+        dim=args.dim,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
+        vocab_size=vocab_size,
+        use_moe=args.use_moe,
+        dropout=args.dropout,
+    )

@@ -1,0 +1,138 @@
+"""Devices and processes: one code path for `python`, `torchrun` (DDP) and `deepspeed` launches.
+
+torchrun and the deepspeed launcher both export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; when
+they are present we join the process group (NCCL on CUDA, gloo otherwise). Under plain `python` there is one
+process and no process group, except for DeepSpeed, which always wants one, so we provide a single-process
+rendezvous for it. Only rank 0 prints and writes files.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' picks cuda (this process's GPU) -> mps -> cpu; an explicit name must be usable here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"--device {name}: MPS is not available on this machine (use --device cpu or auto)")
+    return device
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(device_name: str = "auto", use_deepspeed: bool = False) -> DistContext:
+    """Join the process group if a launcher started us (or DeepSpeed needs one) and pick this rank's device."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if use_deepspeed and not launched:
+        # DeepSpeed needs a process group even for one process; without these it looks for MPI.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        launched = True
+    if not launched:
+        return DistContext(rank=0, local_rank=0, world_size=1, device=select_device(device_name))
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = select_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if use_deepspeed:
+            import deepspeed  # imported lazily: it is slow to import and only needed here
+
+            deepspeed.init_distributed(dist_backend=backend)
+        else:
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return DistContext(rank=rank, local_rank=local_rank, world_size=dist.get_world_size(), device=device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.is_distributed:
+        dist.barrier()
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """DistributedDataParallel around the trained model when there are several processes (else the model itself).
+    Frozen helper models (DPO reference, distillation teacher) are never wrapped: they have no gradients to sync."""
+    if not ctx.is_distributed or ctx.world_size == 1:
+        return model
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def mean_across_ranks(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Element-wise mean of a float tensor over all ranks (a copy; the input is not modified)."""
+    values = values.detach().clone()
+    if ctx.is_distributed and ctx.world_size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= ctx.world_size
+    return values
+
+
+def gather_objects(obj: object, ctx: DistContext) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects, e.g. RNG states)."""
+    if not ctx.is_distributed or ctx.world_size == 1:
+        return [obj]
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def check_replicas_in_sync(model: nn.Module, ctx: DistContext) -> None:
+    """Raise if any rank holds different parameter values than rank 0 (data-parallel replicas must not drift).
+
+    Compares a float64 checksum per parameter tensor (sum and sum of squares weighted by position), which any
+    single changed element alters."""
+    if not ctx.is_distributed or ctx.world_size == 1:
+        return
+    checksums = []
+    for p in model.parameters():
+        flat = p.detach().double().flatten()
+        weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
+        checksums.append(torch.stack([(flat * weights).sum(), (flat * flat).sum()]))
+    local = torch.stack(checksums).cpu()  # (n_params, 2)
+    everyone = gather_objects(local, ctx)
+    for rank, other in enumerate(everyone[1:], start=1):
+        if not torch.equal(other, everyone[0]):
+            raise RuntimeError(f"model replicas diverged: rank {rank} differs from rank 0 after training")

@@ -1,0 +1,70 @@
+"""Full supervised fine-tuning: every weight trained on chat conversations, loss on the assistant replies only.
+
+Starts from out/pretrain_{dim}[_moe].pth (run train_pretrain.py first) unless --from_weight says otherwise, and
+writes out/full_sft_{dim}[_moe].pth, out/full_sft_{dim}[_moe]_resume.pth, ..._metrics.jsonl and ..._loss.png.
+
+Run (from the repository root, data in ./dataset/sft_mini_512.jsonl):
+    python train_full_sft.py                                        # one GPU, or CPU/MPS when there is none
+    python train_full_sft.py --from_weight out/my_pretrain.pth      # start from another checkpoint
+    torchrun --nproc_per_node 2 train_full_sft.py                   # DDP on 2 GPUs (gloo on CPU)
+    deepspeed --num_gpus 2 train_full_sft.py --deepspeed ds_config.json
+    python train_full_sft.py --resume 1                             # continue where the last checkpoint left off
+    WANDB_MODE=offline python train_full_sft.py --use_wandb 1       # wandb without network (sync later)
+"""
+from transformers import AutoTokenizer
+
+from model.checkpoint import load_weights, weights_path
+from model.cli import model_config_from_args, parse_training_args, training_parser
+from model.dataset import PadCollator, SFTDataset
+from model.model import MiniMindLM
+from model.trainer import Trainer, causal_lm_loss, init_run, require_file, resolve_from_weight, run_stage
+
+DATA_HINT = (
+    "download sft_mini_512.jsonl from the MiniMind dataset (https://huggingface.co/datasets/jingyaogong/minimind_dataset "
+    "or https://www.modelscope.cn/datasets/gongjy/minimind_dataset) into ./dataset/, or pass --data_path PATH"
+)
+
+
+def main() -> None:
+    parser = training_parser(
+        __doc__.split("\n\n")[0],
+        data_path="./dataset/sft_mini_512.jsonl",
+        learning_rate=5e-5,
+        wandb_project="MiniMind-Full-SFT",
+        from_weight="pretrain",
+        epochs=1,
+        batch_size=32,
+        accumulation_steps=1,
+        max_seq_len=512,
+    )
+    args = parse_training_args(parser)
+
+    # Init: processes, device, seed
+    ctx = init_run(args)
+
+    # Data
+    require_file(args.data_path, DATA_HINT)
+    tokenizer = AutoTokenizer.from_pretrained(require_file(args.tokenizer_path, "pass --tokenizer_path to a tokenizer folder"))
+    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+
+    # Model: the pretrained weights (a missing file stops here and names the stage to run first)
+    config = model_config_from_args(args, vocab_size=len(tokenizer))
+    model = MiniMindLM(config)
+    start_weights = resolve_from_weight(args.from_weight, args.out_dir, config)
+    if start_weights is not None:
+        load_weights(model, start_weights, "run train_pretrain.py first")
+    if ctx.is_main:
+        origin = start_weights or "random initialisation"
+        print(f"MiniMind full SFT: {model.num_parameters() / 1e6:.3f}M parameters from {origin}, {len(dataset):,} "
+              f"conversations, {ctx.world_size} process(es) on {ctx.device}", flush=True)
+
+    # Loop and save
+    trainer = Trainer(
+        args, ctx, model, dataset, PadCollator(tokenizer.pad_token_id), causal_lm_loss,
+        weights_file=weights_path(args.out_dir, "full_sft", config),
+    )
+    trainer.fit()
+
+
+if __name__ == "__main__":
+    run_stage(main)

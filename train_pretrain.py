@@ -1,0 +1,69 @@
+"""Pretraining: next-token prediction on plain text, from random initialisation.
+
+Writes out/pretrain_{dim}[_moe].pth (weights), out/pretrain_{dim}[_moe]_resume.pth (exact resume state),
+out/pretrain_{dim}[_moe]_metrics.jsonl and out/pretrain_{dim}[_moe]_loss.png.
+
+Run (from the repository root, data in ./dataset/pretrain_hq.jsonl):
+    python train_pretrain.py                                        # one GPU, or CPU/MPS when there is none
+    python train_pretrain.py --device cpu --dtype float32 --dim 64 --n_layers 2 --max_steps 100   # CPU smoke run
+    torchrun --nproc_per_node 2 train_pretrain.py                   # DDP on 2 GPUs (gloo on CPU)
+    deepspeed --num_gpus 2 train_pretrain.py --deepspeed ds_config.json
+    torchrun --nproc_per_node 2 train_pretrain.py --zero_stage 2    # DeepSpeed ZeRO-2 through torchrun
+    python train_pretrain.py --resume 1                             # continue where the last checkpoint left off
+    WANDB_MODE=offline python train_pretrain.py --use_wandb 1       # wandb without network (sync later)
+"""
+from transformers import AutoTokenizer
+
+from model.checkpoint import load_weights, weights_path
+from model.cli import model_config_from_args, parse_training_args, training_parser
+from model.dataset import PadCollator, PretrainDataset
+from model.model import MiniMindLM
+from model.trainer import Trainer, causal_lm_loss, init_run, require_file, resolve_from_weight, run_stage
+
+DATA_HINT = (
+    "download pretrain_hq.jsonl from the MiniMind dataset (https://huggingface.co/datasets/jingyaogong/minimind_dataset "
+    "or https://www.modelscope.cn/datasets/gongjy/minimind_dataset) into ./dataset/, or pass --data_path PATH"
+)
+
+
+def main() -> None:
+    parser = training_parser(
+        __doc__.split("\n\n")[0],
+        data_path="./dataset/pretrain_hq.jsonl",
+        learning_rate=5e-4,
+        wandb_project="MiniMind-Pretrain",
+        epochs=1,
+        batch_size=32,
+        accumulation_steps=8,
+        max_seq_len=512,
+    )
+    args = parse_training_args(parser)
+
+    # Init: processes, device, seed
+    ctx = init_run(args)
+
+    # Data
+    require_file(args.data_path, DATA_HINT)
+    tokenizer = AutoTokenizer.from_pretrained(require_file(args.tokenizer_path, "pass --tokenizer_path to a tokenizer folder"))
+    dataset = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+
+    # Model: random init unless --from_weight names a checkpoint to continue pretraining from
+    config = model_config_from_args(args, vocab_size=len(tokenizer))
+    model = MiniMindLM(config)
+    start_weights = resolve_from_weight(args.from_weight, args.out_dir, config)
+    if start_weights is not None:
+        load_weights(model, start_weights, "pass an existing --from_weight file")
+    if ctx.is_main:
+        print(f"MiniMind pretrain: {model.num_parameters() / 1e6:.3f}M parameters, {len(dataset):,} samples, "
+              f"{ctx.world_size} process(es) on {ctx.device}", flush=True)
+
+    # Loop and save
+    trainer = Trainer(
+        args, ctx, model, dataset, PadCollator(tokenizer.pad_token_id), causal_lm_loss,
+        weights_file=weights_path(args.out_dir, "pretrain", config),
+    )
+    trainer.fit()
+
+
+if __name__ == "__main__":
+    run_stage(main)

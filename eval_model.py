@@ -72,24 +72,31 @@ class ReplyPrinter:
         self.router = ReasoningStream() if reasoning else None
         self.dim, self.reset = ("\033[2m", "\033[0m") if out.isatty() else ("", "")
         self.section: str | None = None  # "think" or "answer" while a reasoning reply streams
-        self.at_line_start = True
+        self.at_line_start = False  # the reply starts after the "🤖: " label
 
     def write(self, delta: str) -> None:
         if self.router is None:
-            self.out.write(delta)
+            self._write(delta)
         else:
             for kind, text in self.router.feed(delta):
                 self._write_piece(kind, text)
         self.out.flush()
 
     def close(self) -> None:
+        """End the reply: finish a pending think block and the line."""
         if self.router is not None:
             for kind, text in self.router.close():
                 self._write_piece(kind, text)
             if self.section == "think":
                 self.out.write(self.reset)
-        self.out.write("\n")
+        if not self.at_line_start:
+            self.out.write("\n")
         self.out.flush()
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.at_line_start = text.endswith("\n")
 
     def _write_piece(self, kind: str, text: str) -> None:
         if kind != self.section:
@@ -99,10 +106,9 @@ class ReplyPrinter:
             if kind == "think":
                 self.out.write(f"{self.dim}[think]\n")
             elif self.section == "think":
-                self.out.write(f"{self.reset}{'' if self.at_line_start else chr(10)}[answer]\n")
+                self.out.write(self.reset + ("" if self.at_line_start else "\n") + "[answer]\n")
             self.section = kind
-        self.out.write(text)
-        self.at_line_start = text.endswith("\n")
+        self._write(text)
 
 
 def answer(model, tokenizer, prompt: str, history: list[dict], args: argparse.Namespace,

@@ -67,10 +67,10 @@ class ModelChoice:
 
 
 def mode_of_stage(stage: str) -> int:
-    """model_mode from a weight's stage name: pretrain continues text, reason* thinks, the rest chat."""
-    if stage == MODEL_MODES[PRETRAIN_MODE]:
-        return PRETRAIN_MODE
-    return REASON_MODE if "reason" in stage else 1
+    """model_mode from a weight's stage name: eval_model.py's stages by name, other *reason* stages think, the rest
+    (e.g. full_dist, lora merges) chat like full_sft."""
+    by_name = {name: mode for mode, name in MODEL_MODES.items()}
+    return by_name.get(stage, REASON_MODE if "reason" in stage else 1)
 
 
 def layers_for(dim: int, use_moe: bool, args: argparse.Namespace) -> int:
@@ -93,13 +93,14 @@ def find_models(args: argparse.Namespace) -> list[ModelChoice]:
     for path in weights:
         match = NATIVE_WEIGHT.match(path.name)
         if match:
-            dim, use_moe = int(match["dim"]), bool(match["moe"])
-            mode, n_layers = mode_of_stage(match["stage"]), layers_for(dim, use_moe, args)
+            stage, dim, use_moe = match["stage"], int(match["dim"]), bool(match["moe"])
+            mode, n_layers = mode_of_stage(stage), layers_for(dim, use_moe, args)
         elif path == Path(args.weight or ""):  # an explicit file named otherwise: the flags describe it
-            dim, use_moe, mode, n_layers = args.dim, bool(args.use_moe), args.model_mode, args.n_layers
+            stage, mode = MODEL_MODES[args.model_mode], args.model_mode
+            dim, use_moe, n_layers = args.dim, bool(args.use_moe), args.n_layers
         else:
             continue
-        label = f"{path.name} ({MODEL_MODES[mode]}, dim {dim}, {n_layers} layers{', MoE' if use_moe else ''})"
+        label = f"{path.name} ({stage}, dim {dim}, {n_layers} layers{', MoE' if use_moe else ''})"
         choices.append(ModelChoice(label, 0, str(path), mode, dim, n_layers, use_moe))
     folders = sorted(p for p in out_dir.iterdir() if (p / "config.json").is_file()) if out_dir.is_dir() else []
     if args.hf_path and Path(args.hf_path) not in folders:

@@ -18,6 +18,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 import model.inference
+from model.hf_minimind import save_hf_folder
 from scripts.web_demo import StreamedReply
 from test_serve_openai_api import THOUGHT, greedy_reference, load_tiny, scripted_output, write_tiny_checkpoint
 
@@ -31,7 +32,10 @@ def out_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("out")
     write_tiny_checkpoint(out / "full_sft_64.pth")
     write_tiny_checkpoint(out / "reason_64.pth", seed=1)
+    write_tiny_checkpoint(out / "rlhf_96.pth")  # named dim 96, holds dim 64: cannot load
     (out / "not_a_model.txt").write_text("ignored")
+    tiny_model, tokenizer = load_tiny(out)
+    save_hf_folder(tiny_model.state_dict(), tiny_model.config, str(out / "tiny-hf"), tokenizer)
     return out
 
 
@@ -60,6 +64,8 @@ def test_sidebar_lists_the_checkpoints_and_has_the_sliders(app):
     assert app.selectbox(key="model").options == [
         "full_sft_64.pth (full_sft, dim 64, 2 layers)",
         "reason_64.pth (reason, dim 64, 2 layers)",
+        "rlhf_96.pth (rlhf, dim 96, 2 layers)",
+        "tiny-hf/ (Hugging Face, full_sft)",
     ]
     assert [s.key for s in app.sidebar.slider] == ["history_turns", "max_new_tokens", "temperature", "top_p"]
     assert app.slider(key="max_new_tokens").max == 512  # bounded by --max_seq_len
@@ -80,6 +86,23 @@ def test_a_message_gets_the_greedy_reply(app, out_dir):
     assert app.chat_message[1].markdown[0].value == text
     assert "cut at the token limit" in app.chat_message[1].caption[0].value
     assert app.session_state["messages"][1]["content"] == text
+
+
+def test_hugging_face_folder_gives_the_same_reply_as_its_native_weights(app):
+    greedy_settings(app)
+    send(app, "hello there")
+    native = app.session_state["messages"][1]["content"]
+    app.button(key="clear").click().run()
+    app.selectbox(key="model").select_index(3).run()
+    send(app, "hello there")
+    assert app.session_state["messages"][1]["content"] == native
+
+
+def test_a_checkpoint_that_does_not_load_shows_an_error(app):
+    app.selectbox(key="model").select_index(2).run()
+    assert not app.exception
+    assert "rlhf_96.pth" in app.error[0].value and "does not match" in app.error[0].value
+    assert len(app.chat_input) == 0  # the page stops before the chat
 
 
 @pytest.mark.parametrize("history_turns", [0, 1])

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
+from transformers import PreTrainedTokenizerBase
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `model` when run as `streamlit run scripts/...`
 
@@ -38,6 +39,7 @@ from model.inference import (  # noqa: E402
     stream_chat,
 )
 from model.LMConfig import PRESETS  # noqa: E402
+from model.model import MiniMindLM  # noqa: E402
 
 REASON_MODE = 3
 NATIVE_WEIGHT = re.compile(r"^(?P<stage>[a-z][a-z_]*?)_(?P<dim>\d+)(?P<moe>_moe)?\.pth$")
@@ -106,13 +108,16 @@ def find_models(args: argparse.Namespace) -> list[ModelChoice]:
     if args.hf_path and Path(args.hf_path) not in folders:
         folders.insert(0, Path(args.hf_path))
     for folder in folders:
-        mode = REASON_MODE if "reason" in folder.name.lower() else 1
+        if args.hf_path and folder == Path(args.hf_path):  # named on the command line: so is its mode
+            mode = args.model_mode
+        else:
+            mode = REASON_MODE if "reason" in folder.name.lower() else 1
         choices.append(ModelChoice(f"{folder.name}/ (Hugging Face, {MODEL_MODES[mode]})", 1, str(folder), mode))
     return choices
 
 
 @st.cache_resource(show_spinner="Loading the model ...", max_entries=2)
-def load_choice(choice: ModelChoice, flags: str, _args: argparse.Namespace):
+def load_choice(choice: ModelChoice, flags: str, _args: argparse.Namespace) -> tuple[MiniMindLM, PreTrainedTokenizerBase]:
     """(model, tokenizer) for a choice, cached across reruns and sessions. `flags` (the command line) is part of
     the cache key because _args, which it produced, is not hashed."""
     args = argparse.Namespace(**vars(_args))
@@ -178,8 +183,12 @@ def delete_exchange(index: int) -> None:
     """Remove the message at index together with its partner (the question before a reply, the reply after a
     question), so the history stays a clean user/assistant alternation."""
     messages = st.session_state.messages
-    start = index - 1 if messages[index]["role"] == "assistant" and index > 0 and messages[index - 1]["role"] == "user" else index
-    end = index + 2 if messages[index]["role"] == "user" and index + 1 < len(messages) and messages[index + 1]["role"] == "assistant" else index + 1
+    role = messages[index]["role"]
+    start, end = index, index + 1
+    if role == "assistant" and index > 0 and messages[index - 1]["role"] == "user":
+        start -= 1
+    if role == "user" and end < len(messages) and messages[end]["role"] == "assistant":
+        end += 1
     del messages[start:end]
 
 

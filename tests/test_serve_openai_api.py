@@ -442,18 +442,22 @@ def test_terminal_client_prints_the_reply(tiny, live_server, capsys):
 def test_terminal_client_shows_reasoning_apart_and_keeps_history(tiny):
     model, tokenizer = tiny
     client = tiny_client(model, tokenizer, model_mode=3)
-    args = argparse.Namespace(model="m", temperature=0.0, max_tokens=40, stream=1, history_cnt=1, system="Be brief.")
     for stream in (1, 0):
+        args = argparse.Namespace(model="m", temperature=0.0, max_tokens=40, stream=stream)
         out = io.StringIO()
         with scripted_output(model, tokenizer.encode(THOUGHT, add_special_tokens=False)):
-            reasoning, answer = chat_openai_api.ask(client, HELLO, argparse.Namespace(**{**vars(args), "stream": stream}), out)
+            reasoning, answer = chat_openai_api.ask(client, HELLO, args, out)
         assert (reasoning, answer) == ("let me think", "Hi there")
         assert "[thinking]" in out.getvalue() and out.getvalue().rstrip().endswith("Hi there")
-    history = [{"role": "user", "content": f"q{i}"} if i % 2 == 0 else {"role": "assistant", "content": f"a{i}"} for i in range(6)]
-    sent = chat_openai_api.conversation(history, "new", args)
-    assert sent == [{"role": "system", "content": "Be brief."}, *history[-2:], {"role": "user", "content": "new"}]
-    assert chat_openai_api.conversation(history, "new", argparse.Namespace(**{**vars(args), "history_cnt": 0, "system": None})) == [
-        {"role": "user", "content": "new"}]
+
+    history = []
+    for i in range(3):
+        history += [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+    with_history = argparse.Namespace(history_cnt=1, system="Be brief.")
+    assert chat_openai_api.conversation(history, "new", with_history) == [
+        {"role": "system", "content": "Be brief."}, *history[-2:], {"role": "user", "content": "new"}]
+    without = argparse.Namespace(history_cnt=0, system=None)
+    assert chat_openai_api.conversation(history, "new", without) == [{"role": "user", "content": "new"}]
 
 
 def test_a_client_that_goes_away_stops_its_generation(tiny, live_server):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .checkpoint import load_state_dict_file, weights_path
 from .hf_minimind import load_hf_folder
 from .LMConfig import LMConfig
 from .model import MiniMindLM
@@ -90,22 +91,10 @@ def native_weight_path(args: argparse.Namespace) -> str:
     """The .pth file --load 0 reads: --weight, else {out_dir}/{stage}_{dim}[_moe].pth."""
     if args.weight:
         return args.weight
-    suffix = "_moe" if args.use_moe else ""
-    return os.path.join(args.out_dir, f"{MODEL_MODES[args.model_mode]}_{args.dim}{suffix}.pth")
+    return str(weights_path(args.out_dir, MODEL_MODES[args.model_mode], config_from_args(args)))
 
 
-def read_native_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A MiniMindLM state dict from a .pth file: a bare state dict, or a training checkpoint holding one under
-    "model"; prefixes added by DDP ("module.") and torch.compile ("_orig_mod.") are removed."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors (or a checkpoint with a 'model' entry)")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-
-
-def config_from_args(args: argparse.Namespace, vocab_size: int) -> LMConfig:
+def config_from_args(args: argparse.Namespace, vocab_size: int = 6400) -> LMConfig:
     return LMConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                     vocab_size=vocab_size, use_moe=bool(args.use_moe), max_seq_len=args.max_seq_len)
 
@@ -122,20 +111,18 @@ def load_model(args: argparse.Namespace) -> tuple[MiniMindLM, PreTrainedTokenize
     if args.load == 1:
         if not args.hf_path:
             raise ValueError("--load 1 needs --hf_path (a folder written by scripts/convert_model.py torch2hf)")
-        config, state = load_hf_folder(args.hf_path)
+        source = args.hf_path
+        config, state = load_hf_folder(source)
         config.max_seq_len = min(config.max_seq_len, args.max_seq_len)
         tokenizer_path = args.tokenizer_path or args.hf_path
     else:
-        path = native_weight_path(args)
-        if not os.path.isfile(path):
-            stage = MODEL_MODES[args.model_mode]
-            raise FileNotFoundError(
-                f"weights not found: {path} (model_mode {args.model_mode} = {stage}). Train them with "
-                f"{STAGE_SCRIPTS[stage]}, pass --weight PATH, or download published MiniMind2 weights from "
-                f"{PUBLISHED_WEIGHTS} into {args.out_dir}/"
-            )
-        state = read_native_state_dict(path)
-        config = config_from_args(args, vocab_size=state["tok_embeddings.weight"].shape[0])
+        source = native_weight_path(args)
+        stage = MODEL_MODES[args.model_mode]
+        state = load_state_dict_file(source, what_to_run=(
+            f"model_mode {args.model_mode} ({stage}) needs it: run {STAGE_SCRIPTS[stage]} first, pass --weight PATH, "
+            f"or download published MiniMind2 weights from {PUBLISHED_WEIGHTS} into {args.out_dir}/"))
+        embedding = state.get("tok_embeddings.weight")  # the vocabulary size comes from the weights
+        config = config_from_args(args, vocab_size=embedding.shape[0] if embedding is not None else 6400)
         tokenizer_path = args.tokenizer_path or DEFAULT_TOKENIZER
     if not os.path.isdir(tokenizer_path):
         raise FileNotFoundError(f"tokenizer folder not found: {tokenizer_path} (train it with train_tokenizer.py)")
@@ -145,7 +132,6 @@ def load_model(args: argparse.Namespace) -> tuple[MiniMindLM, PreTrainedTokenize
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        source = args.hf_path if args.load == 1 else native_weight_path(args)
         raise ValueError(f"{source} does not match the model built from the flags "
                          f"(--dim {config.dim} --n_layers {config.n_layers} --use_moe {int(config.use_moe)}): {err}") from err
     if args.lora_name:

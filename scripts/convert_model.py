@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python s
 from transformers import AutoTokenizer  # noqa: E402
 
 from model.hf_minimind import load_hf_folder, save_hf_folder  # noqa: E402
-from model.inference import DEFAULT_TOKENIZER, read_native_state_dict  # noqa: E402
+from model.checkpoint import load_state_dict_file  # noqa: E402
+from model.inference import DEFAULT_TOKENIZER  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
 
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,9 +38,7 @@ def torch_to_hf(weight: str, hf_path: str, *, dim: int = 512, n_layers: int = 8,
                 tokenizer_path: str = DEFAULT_TOKENIZER, dtype: torch.dtype | None = None) -> LMConfig:
     """Export a native .pth to a Hugging Face folder (dtype None keeps the checkpoint's dtype). The vocabulary
     size is read from the weights; the other architecture fields must be given as trained (checked by shape)."""
-    if not os.path.isfile(weight):
-        raise FileNotFoundError(f"weights not found: {weight}")
-    state = read_native_state_dict(weight)
+    state = load_state_dict_file(weight, what_to_run="pass the weights file a train_*.py script wrote")
     config = LMConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                       vocab_size=state["tok_embeddings.weight"].shape[0], use_moe=use_moe, max_seq_len=max_seq_len)
     save_hf_folder(state, config, hf_path, AutoTokenizer.from_pretrained(tokenizer_path), dtype=dtype, source=weight)

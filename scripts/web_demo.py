@@ -225,7 +225,7 @@ def main() -> None:
 
     try:
         model, tokenizer = load_choice(choice, shlex.join(sys.argv[1:]) + os.environ.get("MINIMIND_WEB_ARGS", ""), args)
-    except (FileNotFoundError, ValueError) as err:
+    except Exception as err:  # shown, not raised: the sidebar stays usable to pick another checkpoint
         st.error(f"Cannot load {choice.label}: {err}")
         st.stop()
     st.sidebar.caption(f"{model.num_parameters() / 1e6:.2f}M parameters on {next(model.parameters()).device}")

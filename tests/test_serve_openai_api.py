@@ -463,11 +463,11 @@ def test_terminal_client_shows_reasoning_apart_and_keeps_history(tiny):
 def test_a_client_that_goes_away_stops_its_generation(tiny, live_server):
     model, _ = tiny
     with scripted_output(model, [205] * 300, delay=0.02):  # 300 steps: >= 6 s if nobody stopped it
-        began = time.monotonic()
         body = {"messages": HELLO, "max_tokens": 300, "stream": True}
         with httpx.stream("POST", f"{live_server}/v1/chat/completions", json=body,
                           headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as response:
             next(line for line in response.iter_lines() if '"content": "\\n"' in line)  # generation is under way
+        left = time.monotonic()  # >= 5.9 s of generation remain
         while httpx.get(f"{live_server}/health", timeout=5).json()["pending_requests"]:
-            assert time.monotonic() - began < 4.0, "the generation went on after its client disconnected"
+            assert time.monotonic() - left < 3.0, "the generation went on after its client disconnected"
             time.sleep(0.05)

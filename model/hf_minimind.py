@@ -21,7 +21,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, GenerationMixin, LlamaConfig, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .LMConfig import LMConfig
@@ -230,7 +230,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
     """A MiniMindLM inside a transformers PreTrainedModel, so from_pretrained / generate / pipelines work.
 
     Weights live under `model.` (`model.layers.0.attention.wq.weight`, ...). HF's Cache object is bridged to the
-    native per-layer (keys, values) list on every call.
+    native per-layer (keys, values) list on every call: read before the step, extended with the new positions after.
     """
 
     config_class = MiniMindConfig
@@ -238,7 +238,6 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _tied_weights_keys = {"model.output.weight": "model.tok_embeddings.weight"}
     _no_split_modules = ["Block"]
-    _supports_sdpa = True
 
     def __init__(self, config: LMConfig):
         super().__init__(config)
@@ -276,6 +275,8 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         native_past = [(layer.keys, layer.values) for layer in past_key_values.layers] if past_len else None
         out = self.model(input_ids, attention_mask=attention_mask, past_key_values=native_past,

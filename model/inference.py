@@ -31,7 +31,7 @@ from .model_lora import apply_lora, load_lora, rank_and_targets_of
 MODEL_MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}  # weight file prefixes in out/
 # Which script writes each stage's weights, for the error message when a file is missing.
 STAGE_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "rlhf": "train_dpo.py", "reason": "train_distill_reason.py"}
-PUBLISHED_WEIGHTS = "https://huggingface.co/jingyaogong/MiniMind2-Pytorch"
+PUBLISHED_WEIGHTS = "https://www.modelscope.cn/models/gongjy/MiniMind2-PyTorch/files"
 DEFAULT_TOKENIZER = str(Path(__file__).resolve().parent / "minimind_tokenizer")
 PRETRAIN_MODE = 0  # the only mode without a chat template: the model continues raw text
 

@@ -168,6 +168,9 @@ def test_moe_export_loads_with_remote_code(moe_export, tokenizer):
     ids = sample_ids(tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+        loss = hf(ids, labels=ids).loss  # HF convention: labels are the inputs, shifted inside the model
+        reference = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(loss, reference)
     one = ids[:1]
     ours = model.generate(one, max_new_tokens=16, temperature=0)
     theirs = hf.generate(one, max_new_tokens=16, min_new_tokens=16, do_sample=False)[:, one.shape[1]:]

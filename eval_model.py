@@ -16,17 +16,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
 from typing import TextIO
 
-import torch
+from transformers import PreTrainedTokenizerBase
 
+from model import MiniMindLM
 from model.inference import (
-    MODEL_MODES,
     PRETRAIN_MODE,
     GenerationResult,
     ReasoningStream,
     add_model_args,
     load_model,
+    native_weight_path,
     split_reasoning,
     stream_chat,
 )
@@ -111,8 +113,8 @@ class ReplyPrinter:
         self._write(text)
 
 
-def answer(model, tokenizer, prompt: str, history: list[dict], args: argparse.Namespace,
-           out: TextIO = sys.stdout) -> GenerationResult:
+def answer(model: MiniMindLM, tokenizer: PreTrainedTokenizerBase, prompt: str, history: list[dict],
+           args: argparse.Namespace, out: TextIO) -> GenerationResult:
     """Stream one reply to `prompt` (with the kept history) to `out` and return the result."""
     if args.model_mode == PRETRAIN_MODE:
         messages = [{"role": "user", "content": prompt}]
@@ -146,7 +148,7 @@ def answer(model, tokenizer, prompt: str, history: list[dict], args: argparse.Na
     return result
 
 
-def free_input(stdin: TextIO = sys.stdin, out: TextIO = sys.stdout):
+def free_input(stdin: TextIO, out: TextIO) -> Iterator[str]:
     """Prompts typed by the user, until `exit` or end of input; `/clear` is passed through."""
     while True:
         out.write("👶: ")
@@ -180,13 +182,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> None:
+    """Run the chat; argv, stdin and out default to the command line and the terminal (tests pass their own)."""
+    stdin, out = stdin or sys.stdin, out or sys.stdout
     args = parse_args(argv)
     model, tokenizer = load_model(args)
     device = next(model.parameters()).device
-    source = args.hf_path if args.load == 1 else f"{MODEL_MODES[args.model_mode]} weights"
+    source = args.hf_path if args.load == 1 else native_weight_path(args)
     out.write(f"MiniMind ({source}): {model.num_parameters() / 1e6:.2f}M parameters on {device}\n\n")
-    torch.set_grad_enabled(False)
 
     history: list[dict] = []
     echo = True  # built-in prompts are printed as if typed; typed and --prompt ones are already visible
@@ -209,6 +212,7 @@ def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin, out: TextIO =
         if echo:
             out.write(f"👶: {prompt}\n")
         answer(model, tokenizer, prompt, history, args, out)
+
 
 if __name__ == "__main__":
     try:

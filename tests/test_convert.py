@@ -102,6 +102,7 @@ def test_dense_export_folder_contents(dense_export, tokenizer):
     assert config["tie_word_embeddings"] is True
     assert (config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"]) == (64, 192, 2)
     assert config["max_position_embeddings"] == 256 and config["rope_parameters"]["rope_theta"] == 1e6
+    assert config["dtype"] == "float32"
     generation = json.load(open(os.path.join(hf_path, "generation_config.json")))
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 0)
     exported_tokenizer = AutoTokenizer.from_pretrained(hf_path)
@@ -233,3 +234,14 @@ def test_import_errors(tmp_path, dense_export):
     json.dump({**config, "hidden_act": "gelu"}, open(broken / "config.json", "w"))
     with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
         load_hf_folder(str(broken))
+
+
+def test_export_dtype_flag(dense_export, tmp_path):
+    _, weight, _ = dense_export
+    convert_model.main(["torch2hf", "--weight", weight, "--hf_path", str(tmp_path), "--dim", "64", "--n_layers", "2",
+                        "--n_heads", "4", "--n_kv_heads", "2", "--dtype", "bfloat16", "--tokenizer_path", str(TOKENIZER_DIR)])
+    assert json.load(open(tmp_path / "config.json"))["dtype"] == "bfloat16"
+    _, state = load_hf_folder(str(tmp_path))
+    original = torch.load(weight, weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for v in state.values())
+    assert torch.equal(state["layers.1.attention.wk.weight"], original["layers.1.attention.wk.weight"].bfloat16())

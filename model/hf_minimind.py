@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .LMConfig import LMConfig
-from .model import MiniMindLM, rope_frequencies
+from .model import MiniMindLM
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -242,11 +242,6 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: LMConfig):
         super().__init__(config)
         self.model = MiniMindLM(config)
-        # from_pretrained builds the model on the meta device; the RoPE frequencies MiniMindLM computes in its
-        # __init__ are not weights, nothing would load them, so they are computed on the CPU here.
-        with torch.device("cpu"):
-            inv_freq, _ = rope_frequencies(config.dim // config.n_heads, config.rope_theta, config.inference_rope_scaling)
-        self.model._inv_freq = {inv_freq.device: inv_freq}
         self.post_init()
 
     def get_input_embeddings(self) -> torch.nn.Module:

@@ -290,11 +290,9 @@ class MiniMindLM(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.tok_embeddings.weight = self.output.weight  # tied input/output embedding
-        inv_freq, self.rope_attention_factor = rope_frequencies(
-            config.dim // config.n_heads, config.rope_theta, config.inference_rope_scaling
-        )
-        # Kept out of the state dict and out of .half()/.to(dtype): frequencies must stay float32.
-        self._inv_freq = {inv_freq.device: inv_freq}
+        # RoPE frequencies are computed on first use per device: kept out of the state dict, out of .half(), and
+        # real even when the weights were built on the meta device (transformers' from_pretrained).
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith(("wo.weight", "w2.weight")):
@@ -313,10 +311,12 @@ class MiniMindLM(nn.Module):
         """cos, sin of shape (B, T, 1, head_dim/2) for integer positions (B, T)."""
         device = position_ids.device
         if device not in self._inv_freq:
-            self._inv_freq[device] = next(iter(self._inv_freq.values())).to(device)
+            cfg = self.config
+            with torch.device("cpu"):
+                inv_freq, self._rope_scale = rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta, cfg.inference_rope_scaling)
+            self._inv_freq[device] = inv_freq.to(device)
         angles = position_ids[..., None].float() * self._inv_freq[device]  # (B, T, hd/2)
-        scale = self.rope_attention_factor
-        return (angles.cos() * scale).unsqueeze(2), (angles.sin() * scale).unsqueeze(2)
+        return (angles.cos() * self._rope_scale).unsqueeze(2), (angles.sin() * self._rope_scale).unsqueeze(2)
 
     def forward(
         self,

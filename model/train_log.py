@@ -103,8 +103,8 @@ class RunLogger:
             self.wandb_run = wandb.init(
                 project=wandb_project,
                 name=wandb_run_name,
-                id=wandb_run_id or wandb.util.generate_id(),
-                resume="allow",
+                id=wandb_run_id,  # None on a fresh run: wandb picks one
+                resume="allow" if wandb_run_id else None,
                 dir=str(out_dir),
                 config=wandb_config,
             )

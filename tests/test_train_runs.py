@@ -1,0 +1,209 @@
+"""End-to-end runs of train_pretrain.py and train_full_sft.py as users run them (subprocesses, tiny models, CPU):
+the loss falls on held-out data, resume is bit-exact, a SIGKILL during a checkpoint write loses nothing but the
+steps since the previous checkpoint, and wandb offline / metrics / loss plot are written."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from conftest import ROOT, TOKENIZER_DIR
+from model.checkpoint import WRITE_PAUSE_ENV
+from model.dataset import PretrainDataset, SFTDataset
+from model.LMConfig import LMConfig
+from model.model import MiniMindLM
+from model.train_log import read_metrics
+
+TINY_MODEL = ["--dim", "64", "--n_layers", "2", "--n_heads", "8", "--n_kv_heads", "2"]
+CPU_FP32 = ["--device", "cpu", "--dtype", "float32"]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", **extra}
+    env.pop(WRITE_PAUSE_ENV, None)
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> str:
+    result = subprocess.run(args, cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout
+
+
+def write_lines(source: Path, destination: Path, start: int, stop: int) -> Path:
+    """A slice of a shared data file in the test's temp folder (never in the repository)."""
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)[start:stop]
+    assert len(lines) == stop - start
+    destination.write_text("".join(lines), encoding="utf-8")
+    return destination
+
+
+def tiny_model(state_dict: dict | None = None) -> MiniMindLM:
+    model = MiniMindLM(LMConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=6400)).eval()
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+@torch.no_grad()
+def held_out_loss(model: MiniMindLM, dataset) -> float:
+    """Token-weighted mean cross-entropy over the counted labels of every item, one item at a time."""
+    total, count = 0.0, 0.0
+    for index in range(len(dataset)):
+        inputs, labels, mask = dataset[index]
+        per_token = F.cross_entropy(model(inputs[None]).logits[0].float(), labels, reduction="none")
+        total += float((per_token * mask).sum())
+        count += float(mask.sum())
+    return total / count
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss falls; wandb offline, metrics file and plot
+
+
+def test_pretrain_then_sft_lower_held_out_loss(tmp_path, shared_data):
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    pretrain_file = shared_data / "pretrain_mini.jsonl"
+    sft_file = shared_data / "sft_mini.jsonl"
+    out = tmp_path / "out"
+    common = [*CPU_FP32, *TINY_MODEL, "--max_seq_len", "128", "--batch_size", "8", "--accumulation_steps", "1",
+              "--warmup_iters", "10", "--log_interval", "10", "--num_workers", "0", "--out_dir", str(out)]
+
+    # Pretrain: 800 samples / batch 8 = 100 optimizer steps, held-out texts from the end of the file.
+    train = write_lines(pretrain_file, tmp_path / "pretrain_train.jsonl", 0, 800)
+    held = PretrainDataset(write_lines(pretrain_file, tmp_path / "pretrain_held.jsonl", 12_700, 12_800), tokenizer, 128)
+    stdout = run([sys.executable, "train_pretrain.py", *common, "--data_path", str(train), "--learning_rate", "3e-3",
+                  "--use_wandb", "1", "--wandb_project", "minimind-test"])
+    torch.manual_seed(1337)  # the script seeds with --seed 1337 before building the model: this is step 0
+    initial = held_out_loss(tiny_model(), held)
+    pretrained = torch.load(out / "pretrain_64.pth", weights_only=True)
+    after = held_out_loss(tiny_model(pretrained), held)
+    assert initial == pytest.approx(8.76, abs=0.1)  # ~ln(6400): a fresh model knows nothing
+    assert after < initial - 1.0, (initial, after)
+
+    # The log line, the metrics file (one row per 10 steps), the loss plot and the offline wandb run.
+    assert "epoch 1/1 | step 100/100 | loss " in stdout and " tok/s | elapsed " in stdout
+    rows = read_metrics(out / "pretrain_64_metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(10, 101, 10))
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    png = out / "pretrain_64_loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    wandb_id = torch.load(out / "pretrain_64_resume.pth", weights_only=True)["wandb_run_id"]
+    assert wandb_id and list((out / "wandb").glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))
+
+    # SFT from those weights (the default --from_weight pretrain): 100 steps, held-out conversations.
+    sft_train = write_lines(sft_file, tmp_path / "sft_train.jsonl", 0, 800)
+    sft_held = SFTDataset(write_lines(sft_file, tmp_path / "sft_held.jsonl", 13_100, 13_200), tokenizer, 128)
+    stdout = run([sys.executable, "train_full_sft.py", *common, "--data_path", str(sft_train), "--learning_rate", "2e-3"])
+    assert "from " + str(out / "pretrain_64.pth") in stdout
+    sft_before = held_out_loss(tiny_model(pretrained), sft_held)
+    sft_after = held_out_loss(tiny_model(torch.load(out / "full_sft_64.pth", weights_only=True)), sft_held)
+    assert sft_after < sft_before - 0.5, (sft_before, sft_after)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exact resume and crash safety
+
+# 72 samples, 4 per micro-batch x 2 accumulation = 8 per step -> 9 steps per epoch, 18 over 2 epochs. The runs
+# stop at step 12, past the epoch boundary; the interrupted ones stop at 6 first. Dropout makes the torch RNG
+# matter, so restoring it is tested too.
+RESUME_RUN = [*CPU_FP32, *TINY_MODEL, "--max_seq_len", "64", "--batch_size", "4", "--accumulation_steps", "2",
+              "--epochs", "2", "--dropout", "0.1", "--learning_rate", "2e-3", "--warmup_iters", "2",
+              "--log_interval", "1", "--save_interval", "4"]
+_reference_cache: dict[Path, Path] = {}
+
+
+def resume_data(shared_data: Path, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.getbasetemp() / "resume_data"
+    folder.mkdir(exist_ok=True)
+    return write_lines(shared_data / "pretrain_mini.jsonl", folder / "pretrain_72.jsonl", 0, 72)
+
+
+def reference_run(shared_data: Path, tmp_path_factory) -> Path:
+    """The uninterrupted 12-step run (num_workers 0), computed once per test session."""
+    data = resume_data(shared_data, tmp_path_factory)
+    if data not in _reference_cache:
+        out = tmp_path_factory.mktemp("reference")
+        run([sys.executable, "train_pretrain.py", *RESUME_RUN, "--data_path", str(data), "--out_dir", str(out),
+             "--num_workers", "0", "--max_steps", "12"])
+        _reference_cache[data] = out
+    return _reference_cache[data]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_stop_and_resume_is_bit_identical(tmp_path, tmp_path_factory, shared_data, num_workers):
+    reference = reference_run(shared_data, tmp_path_factory)
+    data = resume_data(shared_data, tmp_path_factory)
+    command = [sys.executable, "train_pretrain.py", *RESUME_RUN, "--data_path", str(data), "--out_dir", str(tmp_path),
+               "--num_workers", str(num_workers)]
+    use_wandb = ["--use_wandb", "1"] if num_workers == 0 else []
+    run([*command, "--max_steps", "6", *use_wandb])
+    first = torch.load(tmp_path / "pretrain_64_resume.pth", weights_only=True)
+    assert (first["step"], first["epoch"], first["epoch_samples"]) == (6, 0, 48)
+    stdout = run([*command, "--max_steps", "12", "--resume", "1", *use_wandb])
+    assert "resumed from" in stdout and "at step 6 (epoch 1, sample 48/72" in stdout
+
+    resumed = torch.load(tmp_path / "pretrain_64.pth", weights_only=True)
+    uninterrupted = torch.load(reference / "pretrain_64.pth", weights_only=True)
+    assert same_weights(resumed, uninterrupted)
+    assert not torch.equal(resumed["norm.weight"], first["model"]["norm.weight"])  # the second half did train
+    final = torch.load(tmp_path / "pretrain_64_resume.pth", weights_only=True)
+    assert (final["step"], final["epoch"], final["epoch_samples"]) == (12, 1, 24)
+    # every step logged once, with exactly the uninterrupted run's losses and learning rates
+    ours, theirs = read_metrics(tmp_path / "pretrain_64_metrics.jsonl"), read_metrics(reference / "pretrain_64_metrics.jsonl")
+    assert [r["step"] for r in ours] == list(range(1, 13))
+    assert [(r["loss"], r["lr"]) for r in ours] == [(r["loss"], r["lr"]) for r in theirs]
+    if use_wandb:  # the resumed run continued the same wandb run
+        assert final["wandb_run_id"] == first["wandb_run_id"] is not None
+        assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{first['wandb_run_id']}"))) == 2
+
+
+def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, tmp_path_factory, shared_data):
+    reference = reference_run(shared_data, tmp_path_factory)
+    data = resume_data(shared_data, tmp_path_factory)
+    command = [sys.executable, "train_pretrain.py", *RESUME_RUN, "--data_path", str(data), "--out_dir", str(tmp_path),
+               "--num_workers", "0"]
+    resume_file = tmp_path / "pretrain_64_resume.pth"
+    # Every checkpoint write pauses 1.5 s after its first bytes: kill the run inside the step-8 resume-file write.
+    process = subprocess.Popen([*command, "--max_steps", "12"], cwd=ROOT, env=subprocess_env(**{WRITE_PAUSE_ENV: "1.5"}),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    killed_mid_write = False
+    while time.time() < deadline and process.poll() is None:
+        if resume_file.exists():
+            torn = list(tmp_path.glob(".tmp-pretrain_64_resume.pth.*"))
+            if torn and torn[0].stat().st_size > 0:
+                process.send_signal(signal.SIGKILL)
+                killed_mid_write = True
+                break
+        time.sleep(0.05)
+    process.wait(timeout=30)
+    process.stdout.close(), process.stderr.close()
+    assert killed_mid_write, "the run ended before the second checkpoint write"
+    assert process.returncode == -signal.SIGKILL
+
+    # A torn temp file is left; the files under the real names are whole: the previous checkpoint (step 4).
+    assert list(tmp_path.glob(".tmp-pretrain_64_resume.pth.*"))
+    previous = torch.load(resume_file, weights_only=True)
+    assert previous["step"] == 4
+    tiny_model(torch.load(tmp_path / "pretrain_64.pth", weights_only=True))  # loads with strict=True
+
+    stdout = run([*command, "--max_steps", "12", "--resume", "1"])
+    assert "at step 4 (epoch 1, sample 32/72" in stdout
+    assert same_weights(torch.load(tmp_path / "pretrain_64.pth", weights_only=True),
+                        torch.load(reference / "pretrain_64.pth", weights_only=True))
+    assert not list(tmp_path.glob(".tmp-*"))  # the stale temp file was cleaned up

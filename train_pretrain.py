@@ -14,11 +14,11 @@ Run (from the repository root, data in ./dataset/pretrain_hq.jsonl):
 """
 from transformers import AutoTokenizer
 
-from model.checkpoint import load_weights, weights_path
-from model.cli import model_config_from_args, parse_training_args, training_parser
+from model.checkpoint import load_weights, require_file, resolve_from_weight, weights_path
+from model.cli import init_run, model_config_from_args, parse_training_args, run_stage, training_parser
 from model.dataset import PadCollator, PretrainDataset
 from model.model import MiniMindLM
-from model.trainer import Trainer, causal_lm_loss, init_run, require_file, resolve_from_weight, run_stage
+from model.trainer import Trainer, causal_lm_loss
 
 DATA_HINT = (
     "download pretrain_hq.jsonl from the MiniMind dataset (https://huggingface.co/datasets/jingyaogong/minimind_dataset "

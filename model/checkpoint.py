@@ -28,6 +28,18 @@ WRITE_PAUSE_ENV = "MINIMIND_CHECKPOINT_WRITE_PAUSE"
 TEMP_PREFIX = ".tmp-"
 
 
+class MissingInputError(FileNotFoundError):
+    """A data file, tokenizer or weights file the stage needs is absent; the message says how to get it."""
+
+
+def require_file(path: str | os.PathLike, how_to_get: str) -> Path:
+    """The path, if it exists; else MissingInputError saying what is missing and how to get it."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(f"{path} not found: {how_to_get}")
+    return path
+
+
 def weights_path(out_dir: str | os.PathLike, stage: str, config: LMConfig) -> Path:
     """`{out_dir}/{stage}_{dim}[_moe].pth`, the names the original MiniMind uses."""
     return Path(out_dir) / f"{stage}_{config.dim}{'_moe' if config.use_moe else ''}.pth"
@@ -37,6 +49,20 @@ def resume_path(weights_file: str | os.PathLike) -> Path:
     """The resume file beside a weights file: `pretrain_512.pth` -> `pretrain_512_resume.pth`."""
     weights_file = Path(weights_file)
     return weights_file.with_name(f"{weights_file.stem}_resume.pth")
+
+
+def resolve_from_weight(spec: str, out_dir: str | os.PathLike, config: LMConfig) -> Path | None:
+    """--from_weight: 'none' -> None; a stage name ('pretrain') -> OUT_DIR/{stage}_{dim}[_moe].pth; else a path."""
+    if spec.lower() == "none":
+        return None
+    if spec.endswith(".pth") or "/" in spec or "\\" in spec:
+        return require_file(spec, "pass an existing weights file to --from_weight (or 'none' to start from scratch)")
+    path = weights_path(out_dir, spec, config)
+    return require_file(
+        path,
+        f"run train_{spec}.py first with the same --dim/--n_layers/--use_moe and --out_dir, "
+        f"or pass --from_weight PATH to another weights file",
+    )
 
 
 class _PausingWriter:
@@ -99,9 +125,7 @@ def cast_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> 
 
 def load_state_dict_file(path: str | os.PathLike, what_to_run: str) -> dict[str, torch.Tensor]:
     """Read a weights file, failing with a message that says how to produce it when it is missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} not found: {what_to_run}")
+    path = require_file(path, what_to_run)
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path} does not hold a state dict (found {type(state_dict).__name__})")

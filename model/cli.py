@@ -7,8 +7,12 @@ flags (e.g. `--beta` for DPO) with `parser.add_argument_group`, and parses. Bool
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Callable
 
+from .checkpoint import MissingInputError, seed_everything
+from .distributed import DistContext, cleanup_distributed, init_distributed, uses_deepspeed
 from .LMConfig import LMConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -136,3 +140,27 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> LMConfi
         use_moe=args.use_moe,
         dropout=args.dropout,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Start and end of a stage script
+
+
+def init_run(args: argparse.Namespace) -> DistContext:
+    """Start-of-stage setup: processes and device, then the same seed on every rank so every replica builds the
+    same initial model (the Trainer reseeds per rank before the loop)."""
+    ctx = init_distributed(args.device, use_deepspeed=uses_deepspeed(args))
+    seed_everything(args.seed)
+    return ctx
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's main(): a missing input file ends the process with one clear line instead of a traceback;
+    the process group is torn down in every case."""
+    try:
+        main()
+    except MissingInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        cleanup_distributed()

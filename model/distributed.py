@@ -7,6 +7,8 @@ rendezvous for it. Only rank 0 prints and writes files.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .checkpoint import require_file
 
 
 @dataclass(frozen=True)
@@ -136,3 +140,55 @@ def check_replicas_in_sync(model: nn.Module, ctx: DistContext) -> None:
     for rank, other in enumerate(everyone[1:], start=1):
         if not torch.equal(other, everyone[0]):
             raise RuntimeError(f"model replicas diverged: rank {rank} differs from rank 0 after training")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed
+
+
+def uses_deepspeed(args: argparse.Namespace) -> bool:
+    return args.deepspeed is not None or args.zero_stage is not None
+
+
+def deepspeed_config(args: argparse.Namespace, world_size: int) -> dict:
+    """The DeepSpeed config: --deepspeed FILE (its "auto" values filled from the flags) or --zero_stage N.
+
+    The flags stay the single source of truth for batch size, accumulation, clipping and precision, because the
+    data order depends on them; a config file that sets one of them to a different value is an error. The
+    trainer supplies AdamW and the LR schedule, so the config must not define an optimizer or scheduler."""
+    if args.deepspeed is not None:
+        path = require_file(args.deepspeed, "pass a DeepSpeed JSON config such as the ds_config.json in the repository")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
+    else:
+        config = {}
+    source = args.deepspeed or "--zero_stage"
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise ValueError(f"{source}: remove the '{section}' section; the trainer provides AdamW and the LR schedule")
+    if args.zero_stage is not None:
+        config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    stage = config.setdefault("zero_optimization", {}).setdefault("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ValueError(f"{source}: zero_optimization.stage={stage} is not supported (use 0, 1 or 2)")
+
+    def fill(keys: tuple[str, ...], value) -> None:
+        node = config
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        current = node.get(keys[-1], "auto")
+        if current == "auto":
+            node[keys[-1]] = value
+        elif current != value:
+            raise ValueError(f"{source}: {'.'.join(keys)}={current!r} contradicts the command-line flags ({value!r}); set it to \"auto\"")
+
+    fill(("train_micro_batch_size_per_gpu",), args.batch_size)
+    fill(("gradient_accumulation_steps",), args.accumulation_steps)
+    fill(("train_batch_size",), args.batch_size * args.accumulation_steps * world_size)
+    fill(("gradient_clipping",), float(args.grad_clip))
+    fill(("bf16", "enabled"), args.dtype == "bfloat16")
+    fill(("fp16", "enabled"), args.dtype == "float16")
+    config.setdefault("steps_per_print", 2**31 - 1)  # the trainer does the logging
+    return config

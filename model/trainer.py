@@ -27,10 +27,8 @@ micro-batches this equals one process with the whole global batch.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
@@ -41,14 +39,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import checkpoint as ckpt
+from .checkpoint import require_file
 from .distributed import (
     DistContext,
     barrier,
     check_replicas_in_sync,
-    cleanup_distributed,
+    deepspeed_config,
     gather_objects,
-    init_distributed,
     mean_across_ranks,
+    uses_deepspeed,
     wrap_ddp,
 )
 from .train_log import RunLogger, Throughput, format_log_line
@@ -176,107 +175,14 @@ def move_to_device(batch, device: torch.device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage-script helpers
-
-
-class MissingInputError(FileNotFoundError):
-    """A data file, tokenizer or weights file the stage needs is absent; the message says how to get it."""
-
-
-def require_file(path: str | Path, how_to_get: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError(f"{path} not found: {how_to_get}")
-    return path
-
-
-def resolve_from_weight(spec: str, out_dir: str, config) -> Path | None:
-    """--from_weight: 'none' -> None; a stage name ('pretrain') -> OUT_DIR/{stage}_{dim}[_moe].pth; else a path."""
-    if spec.lower() == "none":
-        return None
-    if spec.endswith(".pth") or "/" in spec or "\\" in spec:
-        return require_file(spec, "pass an existing weights file to --from_weight (or 'none' to start from scratch)")
-    path = ckpt.weights_path(out_dir, spec, config)
-    return require_file(
-        path,
-        f"run train_{spec}.py first with the same --dim/--n_layers/--use_moe and --out_dir, "
-        f"or pass --from_weight PATH to another weights file",
-    )
-
-
-def init_run(args: argparse.Namespace) -> DistContext:
-    """Start-of-stage setup: processes and device, then the same seed on every rank so every replica builds the
-    same initial model (the Trainer reseeds per rank before the loop)."""
-    ctx = init_distributed(args.device, use_deepspeed=uses_deepspeed(args))
-    ckpt.seed_everything(args.seed)
-    return ctx
-
-
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(): a missing input file ends the process with one clear line instead of a traceback;
-    the process group is torn down in every case."""
-    try:
-        main()
-    except MissingInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        cleanup_distributed()
-
-
-def uses_deepspeed(args: argparse.Namespace) -> bool:
-    return args.deepspeed is not None or args.zero_stage is not None
-
-
-def deepspeed_config(args: argparse.Namespace, world_size: int) -> dict:
-    """The DeepSpeed config: --deepspeed FILE (its "auto" values filled from the flags) or --zero_stage N.
-
-    The flags stay the single source of truth for batch size, accumulation, clipping and precision, because the
-    data order depends on them; a config file that sets one of them to a different value is an error. The
-    trainer supplies AdamW and the LR schedule, so the config must not define an optimizer or scheduler."""
-    if args.deepspeed is not None:
-        path = require_file(args.deepspeed, "pass a DeepSpeed JSON config such as the ds_config.json in the repository")
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
-    else:
-        config = {}
-    source = args.deepspeed or "--zero_stage"
-    for section in ("optimizer", "scheduler"):
-        if section in config:
-            raise ValueError(f"{source}: remove the '{section}' section; the trainer provides AdamW and the LR schedule")
-    if args.zero_stage is not None:
-        config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
-    stage = config.setdefault("zero_optimization", {}).setdefault("stage", 0)
-    if stage not in (0, 1, 2):
-        raise ValueError(f"{source}: zero_optimization.stage={stage} is not supported (use 0, 1 or 2)")
-
-    def fill(keys: tuple[str, ...], value) -> None:
-        node = config
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        current = node.get(keys[-1], "auto")
-        if current == "auto":
-            node[keys[-1]] = value
-        elif current != value:
-            raise ValueError(f"{source}: {'.'.join(keys)}={current!r} contradicts the command-line flags ({value!r}); set it to \"auto\"")
-
-    fill(("train_micro_batch_size_per_gpu",), args.batch_size)
-    fill(("gradient_accumulation_steps",), args.accumulation_steps)
-    fill(("train_batch_size",), args.batch_size * args.accumulation_steps * world_size)
-    fill(("gradient_clipping",), float(args.grad_clip))
-    fill(("bf16", "enabled"), args.dtype == "bfloat16")
-    fill(("fp16", "enabled"), args.dtype == "float16")
-    config.setdefault("steps_per_print", 2**31 - 1)  # the trainer does the logging
-    return config
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The trainer
 
 
 class Trainer:
+    """Builds the optimizer, wraps the model for DDP or DeepSpeed, restores a resume file when --resume is set,
+    and runs `fit()`: the epochs from the current position until the last step or --max_steps, logging on rank 0
+    every --log_interval steps and checkpointing every --save_interval steps and at the end."""
+
     def __init__(
         self,
         args: argparse.Namespace,

@@ -3,7 +3,6 @@ the loss falls on held-out data, resume is bit-exact, a SIGKILL during a checkpo
 steps since the previous checkpoint, and wandb offline / metrics / loss plot are written."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import random
 import runpy
 import sys
@@ -30,20 +29,19 @@ from model.cli import parse_training_args, str2bool, training_parser
 from model.dataset import PadCollator
 from model.LMConfig import LMConfig
 from model.model import MiniMindLM
-from model.train_log import MetricsFile, format_duration, format_log_line, read_metrics
+from model.train_log import MetricsFile, RunLogger, format_duration, format_log_line, read_metrics
 from model.trainer import (
     GlobalBatchSampler,
     Trainer,
     autocast_context,
     build_optimizer,
     causal_lm_loss,
-    deepspeed_config,
     epoch_permutation,
     lr_at,
     make_grad_scaler,
     masked_cross_entropy,
 )
-from model.distributed import DistContext
+from model.distributed import DistContext, deepspeed_config
 
 from conftest import ROOT
 
@@ -365,6 +363,21 @@ def test_metrics_file_drops_rows_past_the_resumed_step(tmp_path):
     assert [r["step"] for r in read_metrics(path)] == [10, 20]
     MetricsFile(path, resume_from_step=None)  # a fresh run starts a fresh file
     assert not path.exists()
+
+
+def test_terminal_gets_a_progress_bar_and_the_same_log_lines(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    logger = RunLogger(metrics_path=tmp_path / "m.jsonl", png_path=tmp_path / "loss.png", title="t", total_steps=10,
+                       start_step=4, resumed=False, wandb_config=None, wandb_project="p", wandb_run_name="r",
+                       wandb_run_id=None, out_dir=tmp_path)
+    assert logger.bar is not None and logger.bar.n == 4  # a resumed bar starts where the run is
+    logger.advance()
+    logger.log({"step": 5, "epoch": 0, "loss": 2.5, "lr": 1e-3}, "epoch 1/1 | step 5/10 | loss 2.5000")
+    logger.close()
+    assert logger.bar.n == 5
+    assert "epoch 1/1 | step 5/10 | loss 2.5000" in capsys.readouterr().out
+    assert read_metrics(tmp_path / "m.jsonl") == [{"step": 5, "epoch": 0, "loss": 2.5, "lr": 1e-3}]
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ----------------------------------------------------------------------------------------------------------------

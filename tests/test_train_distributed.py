@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import TOKENIZER_DIR
+from conftest import ROOT, TOKENIZER_DIR
 from model.dataset import PretrainDataset
-from test_train_runs import CPU_FP32, TINY_MODEL, run, write_lines
+from test_train_runs import CPU_FP32, TINY_MODEL, run, subprocess_env, write_lines
 
 TOLERANCE = 1e-5  # float32 weights after 4 AdamW steps of lr <= 5e-4; observed differences are ~6e-7
 RUN = [*CPU_FP32, *TINY_MODEL, "--max_seq_len", "32", "--accumulation_steps", "2", "--log_interval", "1",
@@ -75,3 +75,32 @@ def test_deepspeed_zero2_trains_saves_and_resumes(tmp_path, data_and_reference):
     assert "replicas in sync across 2 ranks" in stdout
     assert [p.name for p in (out / "pretrain_64_resume").glob("step_*")] == ["step_4"]  # the old tag was removed
     assert max_difference(out / "pretrain_64.pth", reference) < TOLERANCE
+
+
+REPLICA_CHECK_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+from model.distributed import check_replicas_in_sync, init_distributed
+ctx = init_distributed("cpu")
+torch.manual_seed(0)  # the same initial weights and bias on both ranks
+model = torch.nn.Linear(4, 3)
+if ctx.rank == 1 and os.environ["PERTURB"] == "1":
+    with torch.no_grad():
+        model.weight[2, 1] += 1e-6
+try:
+    check_replicas_in_sync(model, ctx)
+    print(f"rank {{ctx.rank}}: in sync")
+except RuntimeError as error:
+    print(f"rank {{ctx.rank}}: {{error}}")
+"""
+
+
+@pytest.mark.parametrize("perturb", ["0", "1"])
+def test_replica_check_detects_a_single_changed_element(tmp_path, perturb):
+    script = tmp_path / "check.py"
+    script.write_text(REPLICA_CHECK_SCRIPT.format(root=str(ROOT)))
+    stdout = run([*TORCHRUN_2, str(script)], env=subprocess_env(PERTURB=perturb))
+    if perturb == "1":
+        assert stdout.count("model replicas diverged: rank 1 differs from rank 0") == 2  # every rank raises
+    else:
+        assert stdout.count("in sync") == 2

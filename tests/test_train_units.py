@@ -116,7 +116,8 @@ def test_training_loop_runs_the_model_in_the_requested_dtype(tmp_path, dtype_nam
     """The loop itself (not just the helper) computes the forward in the --dtype asked for; the weights stay
     float32 masters and float16 goes through the GradScaler."""
     args = parse(["--device", "cpu", "--dtype", dtype_name, "--batch_size", "2", "--accumulation_steps", "2",
-                  "--max_steps", "3", "--log_interval", "1", "--out_dir", str(tmp_path), "--num_workers", "0"])
+                  "--max_steps", "3", "--log_interval", "1", "--out_dir", str(tmp_path), "--num_workers", "0",
+                  "--save_dtype", dtype_name])
     seen_dtypes = []
 
     def recording_loss(model, batch):
@@ -138,6 +139,22 @@ def test_training_loop_runs_the_model_in_the_requested_dtype(tmp_path, dtype_nam
         assert trainer.scaler.get_scale() > 0
     rows = read_metrics(tmp_path / "t_metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    saved = torch.load(tmp_path / "t.pth", weights_only=True)  # --save_dtype: the weights file's precision
+    assert {v.dtype for v in saved.values()} == {expected}
+    MiniMindLM(LMConfig(**TINY)).load_state_dict(saved, strict=True)
+
+
+def test_moe_balancing_loss_is_trained_and_logged(tmp_path):
+    args = parse(["--device", "cpu", "--dtype", "float32", "--batch_size", "2", "--accumulation_steps", "1",
+                  "--max_steps", "2", "--log_interval", "1", "--out_dir", str(tmp_path), "--num_workers", "0"])
+    torch.manual_seed(0)
+    model = MiniMindLM(LMConfig(**TINY, use_moe=True))
+    gate_before = model.layers[0].feed_forward.gate.weight.detach().clone()
+    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
+    Trainer(args, ctx, model, tiny_dataset(8, 8), PadCollator(0), causal_lm_loss, weights_file=tmp_path / "moe.pth").fit()
+    rows = read_metrics(tmp_path / "moe_metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["aux_loss"] > 0 for r in rows)
+    assert not torch.equal(model.layers[0].feed_forward.gate.weight, gate_before)
 
 
 # ----------------------------------------------------------------------------------------------------------------

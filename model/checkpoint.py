@@ -125,7 +125,9 @@ def cast_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> 
 
 def load_state_dict_file(path: str | os.PathLike, what_to_run: str) -> dict[str, torch.Tensor]:
     """Read a weights file, failing with a message that says how to produce it when it is missing."""
-    path = require_file(path, what_to_run)
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"weights file {path} not found: {what_to_run}")
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path} does not hold a state dict (found {type(state_dict).__name__})")

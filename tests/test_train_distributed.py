@@ -1,5 +1,5 @@
 """Distributed runs on CPU (gloo) against one process with the same global batch: DDP under torchrun, a resume
-with a different world size, and DeepSpeed ZeRO-2 (train, save, resume).
+with a different world size, and DeepSpeed ZeRO-2 (train, save, resume); and the check that replicas agree.
 
 Every micro-batch here is full length (max_seq_len 32, texts longer than that), so the mean loss over one global
 batch equals the mean of the per-rank means and the runs must agree up to float summation order."""

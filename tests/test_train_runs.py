@@ -27,7 +27,8 @@ CPU_FP32 = ["--device", "cpu", "--dtype", "float32"]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", **extra}
+    """The test process's environment, offline, without an inherited checkpoint-pause hook, plus `extra`."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
     env.pop(WRITE_PAUSE_ENV, None)
     env.update(extra)
     return env

@@ -333,6 +333,7 @@ def test_booleans_take_explicit_values():
     assert parse(["--use_moe", "0"]).use_moe is False  # type=bool would have made this True
     assert parse(["--use_moe", "true"]).use_moe is True
     assert parse(["--report_to", "wandb"]).use_wandb is True
+    assert parse(["--local_rank=1"]).local_rank == 1  # what the deepspeed launcher appends
     with pytest.raises(SystemExit):
         parse(["--use_moe", "maybe"])
     with pytest.raises(SystemExit):

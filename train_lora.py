@@ -1,0 +1,122 @@
+"""LoRA fine-tuning: teach a chat model something new (an identity, a domain) by training small low-rank adapters
+while every base weight stays frozen; only the adapters are saved.
+
+Starts from out/full_sft_{dim}[_moe].pth (run train_full_sft.py first) unless --from_weight says otherwise,
+attaches an adapter y = W x + (alpha / rank) * B(A(x)) to each --lora_targets linear of the decoder blocks,
+trains the adapters with the SFT loss (assistant replies only) and writes out/lora/{lora_name}_{dim}.pth (adapter
+weights only, a few hundred KB) with its _resume.pth, _metrics.jsonl and _loss.png beside it.
+
+Run (from the repository root, data in ./dataset/lora_identity.jsonl):
+    python train_lora.py                                             # adapter "lora_identity" on full_sft weights
+    python train_lora.py --lora_name lora_medical --data_path ./dataset/lora_medical.jsonl
+    python train_lora.py --lora_rank 16 --lora_alpha 32 --lora_targets all   # every linear of the blocks
+    torchrun --nproc_per_node 2 train_lora.py                        # DDP on 2 GPUs (gloo on CPU)
+    deepspeed --num_gpus 2 train_lora.py --deepspeed ds_config.json
+    python train_lora.py --resume 1                                  # continue where the last checkpoint left off
+
+Chat with base + adapter (rank and targets are read from the adapter file; an adapter trained with --lora_alpha
+other than its rank needs the same --lora_alpha here):
+    python eval_model.py --model_mode 1 --lora_name lora_identity
+
+Merge the adapter into a standalone weights file, a plain state dict any MiniMind tool loads without LoRA code
+(W + (alpha / rank) * B A per adapted linear; the model's outputs stay the same):
+    import torch
+    from model.inference import attach_lora_file
+    from model.LMConfig import LMConfig
+    from model.model import MiniMindLM
+    from model.model_lora import merged_state_dict
+
+    model = MiniMindLM(LMConfig(dim=512, n_layers=8))
+    model.load_state_dict(torch.load("out/full_sft_512.pth", weights_only=True), strict=True)
+    attach_lora_file(model, "out/lora/lora_identity_512.pth", alpha=None)   # alpha: None means the rank
+    torch.save(merged_state_dict(model), "out/full_sft_identity_512.pth")
+then e.g. `python eval_model.py --weight out/full_sft_identity_512.pth`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from model.checkpoint import load_weights, require_file, resolve_from_weight
+from model.cli import init_run, model_config_from_args, parse_training_args, run_stage, training_parser
+from model.dataset import PadCollator, SFTDataset
+from model.inference import lora_path
+from model.model import MiniMindLM
+from model.model_lora import DEFAULT_TARGETS, apply_lora, lora_state_dict, parse_targets
+from model.trainer import Trainer, causal_lm_loss
+
+DATA_HINT = (
+    "download lora_identity.jsonl (or lora_medical.jsonl) from the MiniMind dataset "
+    "(https://huggingface.co/datasets/jingyaogong/minimind_dataset or "
+    "https://www.modelscope.cn/datasets/gongjy/minimind_dataset) into ./dataset/, or pass --data_path PATH"
+)
+
+
+def main(argv: list[str] | None = None) -> Trainer:
+    """Train one adapter; returns the finished Trainer (its `.model` is the base model with adapters attached)."""
+    parser = training_parser(
+        __doc__.split("\n\n")[0],
+        data_path="./dataset/lora_identity.jsonl",
+        learning_rate=1e-4,
+        wandb_project="MiniMind-LoRA",
+        from_weight="full_sft",
+        epochs=10,
+        batch_size=32,
+        accumulation_steps=1,
+        max_seq_len=340,
+        log_interval=10,
+    )
+    group = parser.add_argument_group("lora")
+    group.add_argument("--lora_name", default="lora_identity",
+                       help="adapter name: the file is OUT_DIR/lora/{lora_name}_{dim}.pth")
+    group.add_argument("--lora_rank", type=int, default=8, help="rank r of the low-rank update B A")
+    group.add_argument("--lora_alpha", type=float, default=None,
+                       help="scale numerator: the update is (alpha / rank) * B A; None means alpha = rank (scale 1)")
+    group.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),
+                       help="comma-separated linear names inside the blocks (wq,wk,wv,wo,w1,w2,w3) or 'all'")
+    args = parse_training_args(parser, argv)
+    if args.lora_rank < 1:
+        parser.error(f"--lora_rank must be >= 1, got {args.lora_rank}")
+    if args.lora_alpha is not None and args.lora_alpha <= 0:
+        parser.error(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if not args.lora_name or "/" in args.lora_name or "\\" in args.lora_name:
+        parser.error(f"--lora_name must be a plain file-name part, got {args.lora_name!r}")
+
+    # Init: processes, device, seed
+    ctx = init_run(args)
+
+    # Data: conversations, loss on the assistant replies (as in SFT)
+    require_file(args.data_path, DATA_HINT)
+    tokenizer = AutoTokenizer.from_pretrained(require_file(args.tokenizer_path, "pass --tokenizer_path to a tokenizer folder"))
+    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+
+    # Model: the chat weights, loaded before the adapters exist (strict keys), then every base weight frozen;
+    # only the adapters (A random, B zero: the adapted model starts equal to the base) have requires_grad.
+    config = model_config_from_args(args, vocab_size=len(tokenizer))
+    model = MiniMindLM(config)
+    start_weights = resolve_from_weight(args.from_weight, args.out_dir, config)
+    if start_weights is not None:
+        load_weights(model, start_weights, "run train_full_sft.py first")
+    targets = parse_targets(args.lora_targets)
+    adapted = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=targets, freeze_base=True)
+    if ctx.is_main:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        origin = start_weights or "random initialisation"
+        print(f"MiniMind LoRA '{args.lora_name}': rank {args.lora_rank} on {len(adapted)} linears ({args.lora_targets}), "
+              f"{trainable / 1e6:.3f}M trainable of {total / 1e6:.3f}M parameters ({100 * trainable / total:.2f}%), "
+              f"base {origin}, {len(dataset):,} conversations, {ctx.world_size} process(es) on {ctx.device}", flush=True)
+
+    # Loop and save: the SFT loss; the weights file holds the adapter weights only
+    trainer = Trainer(
+        args, ctx, model, dataset, PadCollator(tokenizer.pad_token_id), causal_lm_loss,
+        weights_file=Path(lora_path(args, config.dim)),
+        export_state_dict=lora_state_dict,
+    )
+    trainer.fit()
+    return trainer
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,171 @@
+"""train_distillation.py: the loss against a hand-computed example, zero KL when the teacher is the student, and
+end-to-end runs on sft_mini.jsonl (with alpha = 0 the student's KL to a trained teacher falls on held-out
+conversations; bit-exact resume; torchrun with 2 processes)."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from conftest import TOKENIZER_DIR
+from model.dataset import PadCollator, SFTDataset
+from model.LMConfig import LMConfig
+from model.model import MiniMindLM
+from model.train_log import read_metrics
+from model.trainer import masked_cross_entropy
+from test_train_distributed import TORCHRUN_2
+from test_train_runs import CPU_FP32, TINY_MODEL, run, same_weights, tiny_model, write_lines
+from train_distillation import distillation_loss, make_distillation_loss, soft_kl
+
+# The teacher of the end-to-end runs: wider and deeper than the tiny student (dim 64, 2 layers).
+TEACHER_FLAGS = ["--teacher_dim", "96", "--teacher_n_layers", "3", "--teacher_n_heads", "8", "--teacher_n_kv_heads", "2"]
+
+
+def teacher_model(state_dict: dict | None = None) -> MiniMindLM:
+    model = MiniMindLM(LMConfig(dim=96, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=6400)).eval()
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loss on hand-made numbers
+
+
+def test_loss_matches_a_hand_computed_example():
+    # One conversation of 2 positions over a 3-token vocabulary; only position 1 is an assistant token.
+    # Position 0 holds extreme logits that would change every number below if it were counted.
+    student = torch.tensor([[[0.0, 0.0, 9.0], [0.0, 0.0, 0.0]]])  # (1, 2, 3)
+    teacher = torch.tensor([[[5.0, 0.0, 0.0], [0.0, 2.0 * math.log(3.0), 0.0]]])
+    labels = torch.tensor([[2, 1]])
+    loss_mask = torch.tensor([[0.0, 1.0]])
+    alpha, temperature = 0.3, 2.0
+    # At T = 2 the teacher's logits become (0, ln 3, 0): probabilities (1/5, 3/5, 1/5); the student's stay uniform.
+    kl = 2 / 5 * math.log((1 / 5) / (1 / 3)) + 3 / 5 * math.log((3 / 5) / (1 / 3))
+    ce = math.log(3.0)  # the label 1 under the uniform student (cross-entropy is taken at T = 1)
+    loss, ce_value, kl_value = distillation_loss(student, teacher, labels, loss_mask, alpha, temperature)
+    assert float(kl_value) == pytest.approx(kl, abs=1e-6)
+    assert float(ce_value) == pytest.approx(ce, abs=1e-6)
+    assert float(loss) == pytest.approx(alpha * ce + (1 - alpha) * temperature**2 * kl, abs=1e-6)
+    assert float(soft_kl(student, teacher, torch.zeros(1, 2), temperature)) == 0.0  # nothing counted
+
+
+def test_teacher_equal_to_student_gives_zero_kl_and_the_plain_ce_gradient(shared_data, tokenizer):
+    dataset = SFTDataset(shared_data / "sft_mini.jsonl", tokenizer, max_length=64)
+    batch = PadCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    torch.manual_seed(0)
+    student, teacher = tiny_model(), tiny_model()
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    alpha = 0.25
+
+    loss, metrics = make_distillation_loss(teacher, alpha, temperature=1.5)(student, batch)
+    assert float(metrics["kl"]) == 0.0
+    ce = masked_cross_entropy(student(batch[0]).logits, batch[1], batch[2])
+    assert float(metrics["ce"]) == float(ce.detach())
+    loss.backward()
+    distilled_gradient = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad(set_to_none=True)
+    (alpha * ce).backward()  # at KL = 0 (its minimum) the soft term adds no gradient
+    for ours, plain in zip(distilled_gradient, (p.grad for p in student.parameters())):
+        torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end: the script as users run it
+
+# 96 training conversations, 8 per step: 12 steps, the interrupted run stopping at 6. alpha 0: only the teacher.
+DISTILL_RUN = [*CPU_FP32, *TINY_MODEL, *TEACHER_FLAGS, "--max_seq_len", "64", "--batch_size", "8",
+               "--accumulation_steps", "1", "--learning_rate", "3e-3", "--alpha", "0", "--temperature", "2",
+               "--epochs", "1", "--log_interval", "1", "--save_interval", "3", "--num_workers", "0"]
+
+
+def train_teacher(data: Path, tokenizer, steps: int = 20) -> dict:
+    """A teacher that knows something: 20 plain SFT steps of the dim-96 model on held-apart conversations."""
+    dataset = SFTDataset(data, tokenizer, max_length=64)
+    collate = PadCollator(tokenizer.pad_token_id)
+    torch.manual_seed(1)
+    model = teacher_model().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        inputs, labels, loss_mask = collate([dataset[(step * 8 + i) % len(dataset)] for i in range(8)])
+        loss = masked_cross_entropy(model(inputs).logits, labels, loss_mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval().state_dict()
+
+
+@torch.no_grad()
+def held_out_kl(student_state: dict, teacher_state: dict, dataset: SFTDataset) -> float:
+    """Mean over the held-out assistant tokens of KL(teacher || student) at temperature 1, in float64, one
+    conversation at a time (independently of train_distillation.soft_kl)."""
+    student, teacher = tiny_model(student_state), teacher_model(teacher_state)
+    total, count = 0.0, 0
+    for index in range(len(dataset)):
+        inputs, _, mask = dataset[index]
+        p = torch.softmax(teacher(inputs[None]).logits[0].double(), dim=-1)  # (T, V)
+        q = torch.softmax(student(inputs[None]).logits[0].double(), dim=-1)
+        per_position = (p * (p.log() - q.log())).sum(dim=-1)  # (T,)
+        total += float(per_position[mask == 1].sum())
+        count += int(mask.sum())
+    return total / count
+
+
+def test_distillation_run_lowers_held_out_kl_resumes_exactly_and_runs_under_torchrun(tmp_path, shared_data, tokenizer):
+    sft = shared_data / "sft_mini.jsonl"
+    train_file = write_lines(sft, tmp_path / "train.jsonl", 0, 96)
+    held = SFTDataset(write_lines(sft, tmp_path / "held.jsonl", 13_200, 13_224), tokenizer, max_length=64)
+    out = tmp_path / "full"
+    out.mkdir()
+    teacher = train_teacher(write_lines(sft, tmp_path / "teacher.jsonl", 1_000, 1_160), tokenizer)
+    torch.save(teacher, out / "full_sft_96.pth")  # found by the default --teacher_weight full_sft
+    torch.manual_seed(0)
+    start = tiny_model().state_dict()
+    start_file = tmp_path / "start_64.pth"
+    torch.save(start, start_file)
+    command = [sys.executable, "train_distillation.py", *DISTILL_RUN, "--data_path", str(train_file),
+               "--from_weight", str(start_file)]
+
+    # The uninterrupted 12-step run with alpha 0: the student moves towards the teacher on held-out conversations.
+    stdout = run([*command, "--out_dir", str(out), "--max_steps", "12"])
+    assert f"from {start_file}, teacher " in stdout and f"from {out / 'full_sft_96.pth'}, alpha 0.0" in stdout
+    rows = read_metrics(out / "full_dist_64_metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert all(r["loss"] == pytest.approx(4.0 * r["kl"], rel=1e-6) for r in rows)  # alpha 0: T^2 * KL only
+    trained = torch.load(out / "full_dist_64.pth", weights_only=True)
+    before, after = held_out_kl(start, teacher, held), held_out_kl(trained, teacher, held)
+    assert after < 0.5 * before, (before, after)
+
+    # Stopped after 6 steps and resumed to 12 (teacher given as a path this time): bit-identical weights.
+    resumed = tmp_path / "resumed"
+    resumed_command = [*command, "--out_dir", str(resumed), "--teacher_weight", str(out / "full_sft_96.pth")]
+    run([*resumed_command, "--max_steps", "6"])
+    stdout = run([*resumed_command, "--max_steps", "12", "--resume", "1"])
+    assert "at step 6 (epoch 1, sample 48/96" in stdout
+    assert same_weights(torch.load(resumed / "full_dist_64.pth", weights_only=True), trained)
+    logged = ("step", "loss", "lr", "ce", "kl")
+    assert [tuple(r[k] for k in logged) for r in read_metrics(resumed / "full_dist_64_metrics.jsonl")] == [
+        tuple(r[k] for k in logged) for r in rows]
+
+    # Two processes (gloo) with the teacher equal to the student's starting weights: the first step's KL is 0.
+    ddp = tmp_path / "ddp"
+    stdout = run([*TORCHRUN_2, "train_distillation.py", *DISTILL_RUN, "--data_path", str(train_file),
+                  "--from_weight", str(start_file), "--teacher_weight", str(start_file), "--teacher_dim", "64",
+                  "--teacher_n_layers", "2", "--alpha", "0.5", "--batch_size", "4", "--max_steps", "2",
+                  "--out_dir", str(ddp)])
+    assert "replicas in sync across 2 ranks" in stdout and stdout.count("step 2/2") == 1
+    first = read_metrics(ddp / "full_dist_64_metrics.jsonl")[0]
+    assert first["kl"] == 0.0 and first["loss"] == pytest.approx(0.5 * first["ce"], rel=1e-6)
+    tiny_model(torch.load(ddp / "full_dist_64.pth", weights_only=True))  # a complete state dict (strict load)

@@ -1,0 +1,200 @@
+"""train_dpo.py: the DPO loss against hand-computed values, vanishing gradients as beta -> 0, a reference model that
+the training loop never changes, and end-to-end runs on dpo_mini.jsonl (held-out reward accuracy and margin rise,
+bit-exact resume, torchrun with 2 processes)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from conftest import ROOT, TOKENIZER_DIR
+from model.cli import parse_training_args, training_parser
+from model.dataset import DPOCollator, DPODataset
+from model.distributed import init_distributed
+from model.trainer import Trainer
+from model.train_log import read_metrics
+from test_train_distributed import TORCHRUN_2
+from test_train_runs import CPU_FP32, TINY_MODEL, run, same_weights, tiny_model
+from train_dpo import dpo_loss, make_dpo_loss, sequence_log_probs
+
+BETA = 0.1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loss on hand-made numbers
+
+
+def test_sequence_log_probs_sum_and_mean_over_the_mask():
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [5.0, 0.0, 0.0]],
+                           [[0.0, math.log(3.0), 0.0], [0.0, 0.0, 0.0], [2.0, 2.0, 2.0]]])  # (2, 3, 3)
+    labels = torch.tensor([[1, 2, 0], [1, 0, 2]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # Row 0 counts log(e^3 / (e + e^2 + e^3)) and log(e^5 / (e^5 + 2)); row 1 counts log(3/5) and log(1/3).
+    row0 = [3.0 - math.log(math.e + math.e**2 + math.e**3), 5.0 - math.log(math.e**5 + 2.0)]
+    row1 = [math.log(3.0 / 5.0), math.log(1.0 / 3.0)]
+    summed = sequence_log_probs(logits, labels, mask)
+    assert summed.tolist() == pytest.approx([sum(row0), sum(row1)], abs=1e-6)
+    mean = sequence_log_probs(logits, labels, mask, length_normalize=True)
+    assert mean.tolist() == pytest.approx([sum(row0) / 2, sum(row1) / 2], abs=1e-6)
+    assert sequence_log_probs(logits, labels, torch.zeros(2, 3), length_normalize=True).tolist() == [0.0, 0.0]
+
+
+def test_dpo_loss_matches_hand_computation():
+    policy_chosen, policy_rejected = [-10.0, -3.0, -7.0], [-12.0, -2.0, -7.0]
+    reference_chosen, reference_rejected = [-11.0, -3.5, -6.0], [-11.5, -2.5, -9.0]
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        torch.tensor(policy_chosen), torch.tensor(policy_rejected), torch.tensor(reference_chosen),
+        torch.tensor(reference_rejected), BETA)
+    for i in range(3):
+        z = BETA * ((policy_chosen[i] - policy_rejected[i]) - (reference_chosen[i] - reference_rejected[i]))
+        assert float(losses[i]) == pytest.approx(math.log(1.0 + math.exp(-z)), abs=1e-6)  # -log(sigmoid(z))
+        assert float(chosen_rewards[i]) == pytest.approx(BETA * (policy_chosen[i] - reference_chosen[i]), abs=1e-6)
+        assert float(rejected_rewards[i]) == pytest.approx(BETA * (policy_rejected[i] - reference_rejected[i]), abs=1e-6)
+    # z = 0.15, 0, -0.3: the pair whose policy prefers the chosen reply more than the reference does costs least.
+    assert float(losses[1]) == pytest.approx(math.log(2.0), abs=1e-7)
+    assert float(losses[0]) < float(losses[1]) < float(losses[2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradients and the frozen reference, through a real model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def preference_slices(shared_data: Path, folder: Path, train: int, held_out: int) -> tuple[Path, Path]:
+    """Single-turn pairs with a short prompt (<= 60 characters) from dpo_mini.jsonl, so that the replies, where
+    chosen and rejected differ, fit in 96 tokens; the first `train` for training, the last `held_out` kept apart."""
+    lines = (shared_data / "dpo_mini.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    short = [line for line in lines
+             if len(record := json.loads(line)["chosen"]) == 2 and len(record[0]["content"]) <= 60]
+    assert len(short) >= train + held_out
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dpo_train.jsonl").write_text("".join(short[:train]), encoding="utf-8")
+    (folder / "dpo_held.jsonl").write_text("".join(short[-held_out:]), encoding="utf-8")
+    return folder / "dpo_train.jsonl", folder / "dpo_held.jsonl"
+
+
+def test_gradients_vanish_as_beta_goes_to_zero(tmp_path, shared_data, tokenizer):
+    train_file, _ = preference_slices(shared_data, tmp_path, 4, 1)
+    batch = DPOCollator(tokenizer.pad_token_id)([DPODataset(train_file, tokenizer, 96)[i] for i in range(4)])
+    torch.manual_seed(0)
+    policy, reference = tiny_model(), tiny_model()
+    reference.load_state_dict(policy.state_dict())
+    reference.requires_grad_(False)
+
+    def gradient_norm(beta: float) -> float:
+        policy.zero_grad(set_to_none=True)
+        loss, metrics = make_dpo_loss(reference, beta)(policy, batch)
+        assert float(loss.detach()) == pytest.approx(math.log(2.0), abs=1e-6)  # policy == reference: z = 0 for any beta
+        assert float(metrics["reward_margin"]) == 0.0 and float(metrics["reward_acc"]) == 0.0
+        loss.backward()
+        return float(torch.cat([p.grad.flatten() for p in policy.parameters()]).norm())
+
+    norms = {beta: gradient_norm(beta) for beta in (0.1, 1e-3, 1e-5, 0.0)}
+    assert norms[0.1] > 1e-3
+    # d loss / d theta = -beta * sigmoid(-z) * dz/dtheta = -(beta / 2) dz/dtheta at z = 0: linear in beta.
+    assert norms[1e-3] / 1e-3 == pytest.approx(norms[0.1] / 0.1, rel=1e-4)
+    assert norms[1e-5] == pytest.approx(norms[0.1] * 1e-4, rel=1e-4)
+    assert norms[0.0] == 0.0
+    assert all(p.grad is None for p in reference.parameters())
+
+
+def test_the_training_loop_never_changes_the_reference(tmp_path, shared_data, tokenizer):
+    train_file, _ = preference_slices(shared_data, tmp_path, 16, 1)
+    parser = training_parser("test", data_path=str(train_file), learning_rate=3e-3, wandb_project="test")
+    args = parse_training_args(parser, [*CPU_FP32, *TINY_MODEL, "--max_seq_len", "64", "--batch_size", "4",
+                                        "--accumulation_steps", "1", "--num_workers", "0", "--out_dir", str(tmp_path / "out")])
+    ctx = init_distributed("cpu")
+    torch.manual_seed(0)
+    policy, reference = tiny_model().train(), tiny_model()
+    reference.load_state_dict(policy.state_dict())
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+    Trainer(args, ctx, policy, DPODataset(train_file, tokenizer, 64), DPOCollator(tokenizer.pad_token_id),
+            make_dpo_loss(reference, BETA), weights_file=tmp_path / "out" / "rlhf_64.pth", frozen_models=[reference]).fit()
+    assert not same_weights(policy.state_dict(), start)  # the policy moved in 4 steps ...
+    assert same_weights(reference.state_dict(), start)  # ... the reference did not, and never had a gradient
+    assert all(not p.requires_grad and p.grad is None for p in reference.parameters())
+    assert not reference.training
+    assert same_weights(torch.load(tmp_path / "out" / "rlhf_64.pth", weights_only=True), policy.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end: the script as users run it
+
+# 225 training pairs, 8 per step: 20 steps, the interrupted run stopping at 10. Without dropout the policy equals
+# the reference at the first step, so its logged loss is exactly ln 2 and its rewards are 0.
+DPO_RUN = [*CPU_FP32, *TINY_MODEL, "--max_seq_len", "96", "--batch_size", "8", "--accumulation_steps", "1",
+           "--learning_rate", "3e-3", "--beta", str(BETA), "--epochs", "1", "--log_interval", "1", "--save_interval", "5",
+           "--num_workers", "0"]
+
+
+@torch.no_grad()
+def held_out_rewards(policy_state: dict, reference_state: dict, dataset: DPODataset) -> tuple[float, float]:
+    """(accuracy, mean margin) of the implicit rewards beta * (log pi - log ref) on held-out pairs, one conversation
+    at a time, in float64 from log_softmax (independently of train_dpo.sequence_log_probs)."""
+    policy, reference = tiny_model(policy_state), tiny_model(reference_state)
+
+    def log_prob(model, triple) -> float:
+        inputs, labels, mask = triple
+        token_log_probs = F.log_softmax(model(inputs[None]).logits[0].double(), dim=-1)  # (T, V)
+        return float(token_log_probs[torch.arange(len(labels)), labels][mask == 1].sum())
+
+    wins, margins = 0, []
+    for index in range(len(dataset)):
+        chosen, rejected = dataset[index]
+        chosen_reward = BETA * (log_prob(policy, chosen) - log_prob(reference, chosen))
+        rejected_reward = BETA * (log_prob(policy, rejected) - log_prob(reference, rejected))
+        wins += chosen_reward > rejected_reward
+        margins.append(chosen_reward - rejected_reward)
+    return wins / len(dataset), sum(margins) / len(margins)
+
+
+def test_dpo_run_raises_held_out_rewards_resumes_exactly_and_runs_under_torchrun(tmp_path, shared_data, tokenizer):
+    train_file, held_file = preference_slices(shared_data, tmp_path / "data", 225, 100)
+    torch.manual_seed(0)
+    start = tiny_model().state_dict()
+    start_file = tmp_path / "start_64.pth"
+    torch.save(start, start_file)
+    command = [sys.executable, "train_dpo.py", *DPO_RUN, "--data_path", str(train_file), "--from_weight", str(start_file)]
+
+    # The uninterrupted 20-step run: held-out pairs now prefer the chosen reply (before: every reward is 0).
+    full = tmp_path / "full"
+    stdout = run([*command, "--out_dir", str(full), "--max_steps", "20"])
+    assert f"from {start_file} (also the frozen reference), 225 preference pairs" in stdout
+    assert "| reward_acc " in stdout and "| reward_margin " in stdout
+    rows = read_metrics(full / "rlhf_64_metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert rows[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
+    assert (rows[0]["reward_acc"], rows[0]["reward_margin"]) == (0.0, 0.0)
+    trained = torch.load(full / "rlhf_64.pth", weights_only=True)
+    held = DPODataset(held_file, tokenizer, 96)
+    assert held_out_rewards(start, start, held) == (0.0, 0.0)
+    accuracy, margin = held_out_rewards(trained, start, held)
+    assert accuracy >= 0.55 and margin > 0.05, (accuracy, margin)
+
+    # Stopped after 10 steps and resumed to 20: bit-identical weights and the same logged losses and rewards.
+    resumed = tmp_path / "resumed"
+    run([*command, "--out_dir", str(resumed), "--max_steps", "10"])
+    stdout = run([*command, "--out_dir", str(resumed), "--max_steps", "20", "--resume", "1"])
+    assert "at step 10 (epoch 1, sample 80/225" in stdout
+    assert same_weights(torch.load(resumed / "rlhf_64.pth", weights_only=True), trained)
+    logged = ("step", "loss", "lr", "reward_acc", "reward_margin")
+    assert [tuple(r[k] for k in logged) for r in read_metrics(resumed / "rlhf_64_metrics.jsonl")] == [
+        tuple(r[k] for k in logged) for r in rows]
+
+    # Two processes (gloo), 4 pairs each per step: both replicas end equal and rank 0 writes the weights.
+    ddp = tmp_path / "ddp"
+    stdout = run([*TORCHRUN_2, "train_dpo.py", *DPO_RUN, "--data_path", str(train_file), "--from_weight", str(start_file),
+                  "--batch_size", "4", "--max_steps", "2", "--out_dir", str(ddp)])
+    assert "replicas in sync across 2 ranks" in stdout and stdout.count("step 2/2") == 1
+    tiny_model(torch.load(ddp / "rlhf_64.pth", weights_only=True))  # a complete state dict (strict load)
+    assert torch.load(ddp / "rlhf_64_resume.pth", weights_only=True)["world_size"] == 2

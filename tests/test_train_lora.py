@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,13 +25,12 @@ from conftest import TOKENIZER_DIR
 from model.checkpoint import MissingInputError
 from model.dataset import SFTDataset
 from model.inference import attach_lora_file
-from model.LMConfig import LMConfig
 from model.model import MiniMindLM
 from model.train_log import read_metrics
 from test_train_distributed import TORCHRUN_2
-from test_train_runs import CPU_FP32, TINY_MODEL, run, same_weights
+from test_train_reason import jsonl_lines, one_thread, write_jsonl
+from test_train_runs import CPU_FP32, TINY_MODEL, run, same_weights, tiny_model
 
-TINY_CONFIG = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=6400)
 SHORT_RUN = [*CPU_FP32, *TINY_MODEL, "--max_seq_len", "128", "--batch_size", "8", "--num_workers", "0"]
 
 
@@ -41,24 +39,12 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
-@contextmanager
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def write_jsonl(records: list[dict], path: Path) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
+def write_records(records: list[dict], path: Path) -> Path:
+    return write_jsonl([json.dumps(record, ensure_ascii=False) for record in records], path)
 
 
 def identity_records(shared_data: Path) -> list[dict]:
-    lines = (shared_data / "lora_identity.jsonl").read_text(encoding="utf-8").split("\n")
-    return [json.loads(line) for line in lines if line.strip()]
+    return [json.loads(line) for line in jsonl_lines(shared_data / "lora_identity.jsonl")]
 
 
 def renamed(record: dict, name: str) -> dict:
@@ -70,13 +56,6 @@ def renamed(record: dict, name: str) -> dict:
         return text.replace("\0", "MiniMind project").replace("\1", "MiniMind 项目")
     return {"conversations": [{**m, "content": rename(m["content"]) if m["role"] == "assistant" else m["content"]}
                               for m in record["conversations"]]}
-
-
-def tiny_model(state_dict: dict | None = None) -> MiniMindLM:
-    model = MiniMindLM(LMConfig(**TINY_CONFIG)).eval()
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=True)
-    return model
 
 
 def base_with_adapter(base_file: Path, adapter_file: Path) -> MiniMindLM:
@@ -133,14 +112,14 @@ def test_adapter_changes_the_identity_and_leaves_the_base_untouched(tmp_path, sh
     records = identity_records(shared_data)
     train = [r for i, r in enumerate(records) if i % 8 != 3]  # 80 conversations
     held = [r for i, r in enumerate(records) if i % 8 == 3]  # 11, spread over the file (English and Chinese)
-    train_file = write_jsonl(train, tmp_path / "identity_train.jsonl")
-    held_minimind = SFTDataset(write_jsonl(held, tmp_path / "held.jsonl"), tokenizer, 128)
-    held_orion = SFTDataset(write_jsonl([renamed(r, "Orion") for r in held], tmp_path / "held_orion.jsonl"), tokenizer, 128)
+    train_file = write_records(train, tmp_path / "identity_train.jsonl")
+    held_minimind = SFTDataset(write_records(held, tmp_path / "held.jsonl"), tokenizer, 128)
+    held_orion = SFTDataset(write_records([renamed(r, "Orion") for r in held], tmp_path / "held_orion.jsonl"), tokenizer, 128)
     out = tmp_path / "out"
 
     # The base: full SFT from scratch on the renamed training questions, 200 steps, through train_full_sft.py.
     monkeypatch.setattr(sys, "argv", [
-        "train_full_sft.py", *SHORT_RUN, "--data_path", str(write_jsonl([renamed(r, "Orion") for r in train],
+        "train_full_sft.py", *SHORT_RUN, "--data_path", str(write_records([renamed(r, "Orion") for r in train],
                                                                          tmp_path / "orion.jsonl")),
         "--out_dir", str(out), "--from_weight", "none", "--epochs", "20", "--learning_rate", "1e-2",
         "--warmup_iters", "5", "--log_interval", "50"])
@@ -213,7 +192,7 @@ def random_base_and_data(tmp_path, shared_data) -> tuple[Path, Path]:
     torch.manual_seed(0)
     base_file = tmp_path / "random_base.pth"
     torch.save(tiny_model().state_dict(), base_file)
-    return base_file, write_jsonl(identity_records(shared_data)[:40], tmp_path / "identity_40.jsonl")
+    return base_file, write_records(identity_records(shared_data)[:40], tmp_path / "identity_40.jsonl")
 
 
 def test_stop_and_resume_is_bit_identical(tmp_path, random_base_and_data):
@@ -251,6 +230,6 @@ def test_torchrun_two_processes_with_every_linear_adapted(tmp_path, random_base_
 
 
 def test_default_start_needs_the_full_sft_weights(tmp_path, shared_data):
-    data = write_jsonl(identity_records(shared_data)[:8], tmp_path / "identity_8.jsonl")
+    data = write_records(identity_records(shared_data)[:8], tmp_path / "identity_8.jsonl")
     with pytest.raises(MissingInputError, match=r"full_sft_64\.pth not found: run train_full_sft\.py first"):
         train_lora.main([*CPU_FP32, *TINY_MODEL, "--data_path", str(data), "--out_dir", str(tmp_path / "empty")])

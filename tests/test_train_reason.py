@@ -19,11 +19,10 @@ import train_distill_reason
 from conftest import TOKENIZER_DIR
 from model.checkpoint import MissingInputError
 from model.dataset import PadCollator, SFTDataset, render_conversation
-from model.LMConfig import LMConfig
 from model.model import MiniMindLM
 from model.train_log import read_metrics
 from test_train_distributed import TORCHRUN_2
-from test_train_runs import CPU_FP32, TINY_MODEL, run, same_weights
+from test_train_runs import CPU_FP32, TINY_MODEL, run, same_weights, tiny_model
 
 THINK, END_THINK, ANSWER, END_ANSWER = 3, 4, 5, 6  # the tag ids of the shipped tokenizer
 
@@ -52,12 +51,6 @@ def jsonl_lines(path: Path) -> list[str]:
 def write_jsonl(lines: list[str], path: Path) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-def tiny_model(state_dict: dict) -> MiniMindLM:
-    model = MiniMindLM(LMConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=6400)).eval()
-    model.load_state_dict(state_dict, strict=True)
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,23 +14,15 @@ Run (from the repository root, data in ./dataset/lora_identity.jsonl):
     deepspeed --num_gpus 2 train_lora.py --deepspeed ds_config.json
     python train_lora.py --resume 1                                  # continue where the last checkpoint left off
 
-Chat with base + adapter (rank and targets are read from the adapter file; an adapter trained with --lora_alpha
-other than its rank needs the same --lora_alpha here):
+Chat with base + adapter (rank and targets are read from the adapter file, which stores the update with its
+scale alpha/rank folded in, so nothing else needs repeating):
     python eval_model.py --model_mode 1 --lora_name lora_identity
 
 Merge the adapter into a standalone weights file, a plain state dict any MiniMind tool loads without LoRA code
 (W + (alpha / rank) * B A per adapted linear; the model's outputs stay the same):
-    import torch
-    from model.inference import attach_lora_file
-    from model.LMConfig import LMConfig
-    from model.model import MiniMindLM
-    from model.model_lora import merged_state_dict
-
-    model = MiniMindLM(LMConfig(dim=512, n_layers=8))
-    model.load_state_dict(torch.load("out/full_sft_512.pth", weights_only=True), strict=True)
-    attach_lora_file(model, "out/lora/lora_identity_512.pth", alpha=None)   # alpha: None means the rank
-    torch.save(merged_state_dict(model), "out/full_sft_identity_512.pth")
-then e.g. `python eval_model.py --weight out/full_sft_identity_512.pth`.
+    python scripts/convert_model.py merge_lora --weight out/full_sft_512.pth --lora out/lora/lora_identity_512.pth \
+        --out out/full_sft_identity_512.pth
+    python eval_model.py --weight out/full_sft_identity_512.pth
 """
 from __future__ import annotations
 
@@ -70,7 +62,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     group = parser.add_argument_group("lora")
     group.add_argument("--lora_name", default="lora_identity",
                        help="adapter name: the file is OUT_DIR/lora/{lora_name}_{dim}.pth")
-    group.add_argument("--lora_rank", type=int, default=8, help="rank r of the low-rank update B A")
+    group.add_argument("--lora_rank", type=int, default=16, help="rank r of the low-rank update B A")
     group.add_argument("--lora_alpha", type=float, default=None,
                        help="scale numerator: the update is (alpha / rank) * B A; None means alpha = rank (scale 1)")
     group.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),

@@ -51,6 +51,16 @@ def resume_path(weights_file: str | os.PathLike) -> Path:
     return weights_file.with_name(f"{weights_file.stem}_resume.pth")
 
 
+# The stage script that writes each weights-file prefix, for "run X first" messages.
+STAGE_SCRIPTS = {
+    "pretrain": "train_pretrain.py",
+    "full_sft": "train_full_sft.py",
+    "rlhf": "train_dpo.py",
+    "reason": "train_distill_reason.py",
+    "full_dist": "train_distillation.py",
+}
+
+
 def resolve_from_weight(spec: str, out_dir: str | os.PathLike, config: LMConfig) -> Path | None:
     """--from_weight: 'none' -> None; a stage name ('pretrain') -> OUT_DIR/{stage}_{dim}[_moe].pth; else a path."""
     if spec.lower() == "none":
@@ -60,7 +70,7 @@ def resolve_from_weight(spec: str, out_dir: str | os.PathLike, config: LMConfig)
     path = weights_path(out_dir, spec, config)
     return require_file(
         path,
-        f"run train_{spec}.py first with the same --dim/--n_layers/--use_moe and --out_dir, "
+        f"run {STAGE_SCRIPTS.get(spec, f'train_{spec}.py')} first with the same --dim/--n_layers/--use_moe and --out_dir, "
         f"or pass --from_weight PATH to another weights file",
     )
 

@@ -22,15 +22,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .checkpoint import load_state_dict_file, weights_path
+from .checkpoint import STAGE_SCRIPTS, load_state_dict_file, weights_path
 from .hf_minimind import load_hf_folder
 from .LMConfig import LMConfig
 from .model import MiniMindLM
-from .model_lora import apply_lora, load_lora, rank_and_targets_of
+from .model_lora import attach_lora_file
 
 MODEL_MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}  # weight file prefixes in out/
 # Which script writes each stage's weights, for the error message when a file is missing.
-STAGE_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "rlhf": "train_dpo.py", "reason": "train_distill_reason.py"}
 PUBLISHED_WEIGHTS = "https://www.modelscope.cn/models/gongjy/MiniMind2-PyTorch/files"
 DEFAULT_TOKENIZER = str(Path(__file__).resolve().parent / "minimind_tokenizer")
 PRETRAIN_MODE = 0  # the only mode without a chat template: the model continues raw text
@@ -58,8 +57,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max_seq_len", type=int, default=8192, help="context length: prompts are cut to fit it")
     group.add_argument("--lora_name", default=None,
                        help="LoRA adapter to apply, read from {out_dir}/lora/{lora_name}_{dim}.pth")
-    group.add_argument("--lora_alpha", type=float, default=None,
-                       help="LoRA alpha the adapter was trained with (default: its rank, i.e. scale 1)")
     group.add_argument("--tokenizer_path", default=None,
                        help=f"tokenizer folder (default: the HF folder with --load 1, else {DEFAULT_TOKENIZER})")
     group.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), or e.g. cpu, cuda:0")
@@ -135,21 +132,12 @@ def load_model(args: argparse.Namespace) -> tuple[MiniMindLM, PreTrainedTokenize
         raise ValueError(f"{source} does not match the model built from the flags "
                          f"(--dim {config.dim} --n_layers {config.n_layers} --use_moe {int(config.use_moe)}): {err}") from err
     if args.lora_name:
-        attach_lora_file(model, lora_path(args, config.dim), getattr(args, "lora_alpha", None))
+        attach_lora_file(model, lora_path(args, config.dim))
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
 def lora_path(args: argparse.Namespace, dim: int) -> str:
     return os.path.join(args.out_dir, "lora", f"{args.lora_name}_{dim}.pth")
-
-
-def attach_lora_file(model: MiniMindLM, path: str, alpha: float | None = None) -> None:
-    """Attach adapters shaped like the file (rank and targets read from it) and load its weights."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LoRA adapter not found: {path} (train it with train_lora.py --lora_name NAME)")
-    rank, targets = rank_and_targets_of(path)
-    apply_lora(model, rank=rank, alpha=alpha, targets=targets, freeze_base=True)
-    load_lora(model, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Each targeted nn.Linear gets a child module `lora` (A: in->rank, random; B: rank->out, zero, so a fresh adapter
 changes nothing) and a forward hook that adds its output. The base weight keeps its name, so base checkpoints
 still load with strict=True, and adapter files hold only `...{target}.lora.{A,B}.weight` entries (the key layout
-of the original MiniMind adapters, whose scale is 1: alpha = rank).
+of the original MiniMind adapters; files always hold scale-1 adapters, the scale alpha/rank folded into B).
 """
 from __future__ import annotations
 
@@ -90,8 +90,14 @@ def lora_modules(model: nn.Module) -> list[LoRA]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter weights only, e.g. `layers.0.attention.wq.lora.A.weight`."""
-    state = {k: v for k, v in model.state_dict().items() if ".lora." in k}
+    """Adapter weights only, e.g. `layers.0.attention.wq.lora.A.weight`, with the scale alpha/rank folded into B:
+    every file is then a scale-1 adapter (the original MiniMind format) that fully defines its update, whatever
+    alpha it was trained with."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRA):
+            state[f"{name}.A.weight"] = module.A.weight.detach()
+            state[f"{name}.B.weight"] = module.B.weight.detach() * module.scale
     if not state:
         raise ValueError("the model has no LoRA adapters (call apply_lora first)")
     return state
@@ -108,17 +114,31 @@ def save_lora(model: nn.Module, path: str) -> None:
 def load_lora(model: nn.Module, path: str) -> None:
     """Load an adapter file into adapters already attached with apply_lora (keys must match exactly)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"LoRA adapter file not found: {path} (train one with train_lora.py)")
+        raise FileNotFoundError(f"LoRA adapter file not found: {path} (train one with train_lora.py --lora_name NAME)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    expected = set(lora_state_dict(model))
+    modules = {f"{name}.": m for name, m in model.named_modules() if isinstance(m, LoRA)}
+    expected = {f"{prefix}{part}.weight" for prefix in modules for part in ("A", "B")}
     missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
+    if not modules or missing or unexpected:
         raise ValueError(
             f"{path} does not fit the attached adapters: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
             " (check --lora_rank / --lora_targets / the model size)"
         )
-    model.load_state_dict(state, strict=False)  # strictness checked just above, for the adapter keys
+    with torch.no_grad():
+        for prefix, lora in modules.items():
+            lora.A.weight.copy_(state[f"{prefix}A.weight"])
+            lora.B.weight.copy_(state[f"{prefix}B.weight"] / lora.scale)  # files store scale-1 adapters
+
+
+def attach_lora_file(model: nn.Module, path: str) -> list[str]:
+    """Attach adapters shaped like the file (rank and targets read from it), load it and freeze the base."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LoRA adapter file not found: {path} (train one with train_lora.py --lora_name NAME)")
+    rank, targets = rank_and_targets_of(path)
+    adapted = apply_lora(model, rank=rank, targets=targets, freeze_base=True)
+    load_lora(model, path)
+    return adapted
 
 
 def rank_and_targets_of(path: str) -> tuple[int, tuple[str, ...]]:

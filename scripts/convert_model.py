@@ -10,12 +10,15 @@ Run:
     # HF -> native (exactly the original tensors for a folder written by torch2hf)
     python scripts/convert_model.py hf2torch --hf_path MiniMind2-Small --weight out/full_sft_512.pth
 
+    # base + LoRA adapter -> one standalone native weights file (W + scale * B A; same outputs, no LoRA code needed)
+    python scripts/convert_model.py merge_lora --weight out/full_sft_512.pth --lora out/lora/lora_identity_512.pth \
+        --out out/full_sft_identity_512.pth
+
 The conversion itself lives in model/hf_minimind.py (tested, and reused by `load_model(--load 1)`).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -26,9 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python s
 from transformers import AutoTokenizer  # noqa: E402
 
 from model.hf_minimind import load_hf_folder, save_hf_folder  # noqa: E402
-from model.checkpoint import load_state_dict_file  # noqa: E402
+from model.checkpoint import atomic_save, load_state_dict_file  # noqa: E402
 from model.inference import DEFAULT_TOKENIZER  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
+from model.model import MiniMindLM  # noqa: E402
+from model.model_lora import attach_lora_file, merged_state_dict  # noqa: E402
 
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -51,10 +56,25 @@ def hf_to_torch(hf_path: str, weight: str, dtype: torch.dtype | None = None) -> 
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
         state["output.weight"] = state["tok_embeddings.weight"]  # keep the tie (one tensor, stored once)
-    os.makedirs(os.path.dirname(os.path.abspath(weight)), exist_ok=True)
-    tmp = f"{weight}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, weight)
+    atomic_save(state, weight)
+    return config
+
+
+def merge_lora_into_weights(weight: str, lora: str, out: str, *, n_layers: int = 8, n_heads: int = 8,
+                            n_kv_heads: int = 2, use_moe: bool = False) -> LMConfig:
+    """Fold a LoRA adapter file into base weights and save the result as a plain native .pth (atomically).
+    dim and vocabulary size are read from the weights; rank and targets from the adapter file."""
+    state = load_state_dict_file(weight, what_to_run="pass the base weights the adapter was trained on")
+    vocab_size, dim = state["tok_embeddings.weight"].shape
+    config = LMConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+                      use_moe=use_moe)
+    model = MiniMindLM(config)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    attach_lora_file(model, lora)
+    dtype = state["tok_embeddings.weight"].dtype
+    merged = {k: v.to(dtype) for k, v in merged_state_dict(model).items()}
+    merged["output.weight"] = merged["tok_embeddings.weight"]  # keep the tie (one tensor, stored once)
+    atomic_save(merged, out)
     return config
 
 
@@ -78,18 +98,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     imp.add_argument("--hf_path", required=True, help="folder written by torch2hf (or a MiniMind-shaped Llama)")
     imp.add_argument("--weight", required=True, help="output .pth")
     imp.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weight dtype (auto: keep)")
+
+    merge = sub.add_parser("merge_lora", help="base .pth + LoRA adapter -> standalone native .pth")
+    merge.add_argument("--weight", required=True, help="base weights the adapter was trained on, e.g. out/full_sft_512.pth")
+    merge.add_argument("--lora", required=True, help="adapter file written by train_lora.py, e.g. out/lora/lora_identity_512.pth")
+    merge.add_argument("--out", required=True, help="output .pth")
+    merge.add_argument("--n_layers", type=int, default=8, help="number of decoder blocks")
+    merge.add_argument("--n_heads", type=int, default=8, help="attention heads")
+    merge.add_argument("--n_kv_heads", type=int, default=2, help="key/value heads")
+    merge.add_argument("--use_moe", type=int, default=0, choices=(0, 1), help="1: mixture-of-experts model")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPES.get(getattr(args, "dtype", "auto"))
     if args.command == "torch2hf":
         config = torch_to_hf(args.weight, args.hf_path, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
                              n_kv_heads=args.n_kv_heads, use_moe=bool(args.use_moe), max_seq_len=args.max_seq_len,
                              tokenizer_path=args.tokenizer_path, dtype=dtype)
         kind = "MiniMind MoE (load with trust_remote_code=True)" if config.use_moe else "LlamaForCausalLM"
         print(f"wrote {args.hf_path} ({kind})")
+    elif args.command == "merge_lora":
+        config = merge_lora_into_weights(args.weight, args.lora, args.out, n_layers=args.n_layers,
+                                         n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, use_moe=bool(args.use_moe))
+        print(f"wrote {args.out} (base {args.weight} + adapter {args.lora}; load with --dim {config.dim} "
+              f"--n_layers {config.n_layers} --weight {args.out})")
     else:
         config = hf_to_torch(args.hf_path, args.weight, dtype)
         moe = " --use_moe 1" if config.use_moe else ""

@@ -24,3 +24,9 @@ def shared_data() -> Path:
             pytest.fail(f"CI must provide the shared data folder at {SHARED_DATA}")
         pytest.skip(f"needs the shared data folder {SHARED_DATA} (present in CI, not in a fresh clone)")
     return SHARED_DATA
+
+
+def jsonl_lines(path: Path) -> list[str]:
+    """The records of a jsonl file, without newlines. Split on "\\n" only: the shared data holds U+2028 inside
+    strings, where str.splitlines would cut a record in two."""
+    return [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]

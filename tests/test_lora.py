@@ -129,3 +129,25 @@ def test_parse_targets_and_errors():
     apply_lora(model, targets=("wq",))
     with pytest.raises(ValueError, match="already"):
         apply_lora(model, targets=("wq",))
+
+
+def test_adapter_file_holds_the_scale(tmp_path):
+    """Files store scale-1 adapters (alpha/rank folded into B): attaching one needs no alpha, any alpha works."""
+    from model.model_lora import attach_lora_file
+
+    model = base_model()
+    apply_lora(model, rank=4, alpha=12, targets="all")
+    randomize_adapters(model)
+    expected = model(ids()).logits
+    path = str(tmp_path / "scaled.pth")
+    save_lora(model, path)
+    saved = torch.load(path, weights_only=True)
+    wq = model.layers[0].attention.wq.lora
+    assert torch.equal(saved["layers.0.attention.wq.lora.B.weight"], wq.B.weight * 3.0)
+    fresh = base_model()
+    attach_lora_file(fresh, path)
+    torch.testing.assert_close(fresh(ids()).logits, expected, atol=1e-6, rtol=0)
+    other_alpha = base_model()
+    apply_lora(other_alpha, rank=4, alpha=1, targets="all")
+    load_lora(other_alpha, path)
+    torch.testing.assert_close(other_alpha(ids()).logits, expected, atol=1e-6, rtol=0)

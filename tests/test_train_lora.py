@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,11 +23,13 @@ import train_lora
 from conftest import TOKENIZER_DIR
 from model.checkpoint import MissingInputError
 from model.dataset import SFTDataset
-from model.inference import attach_lora_file
+from model.model_lora import attach_lora_file
 from model.model import MiniMindLM
 from model.train_log import read_metrics
+from scripts import convert_model
 from test_train_distributed import TORCHRUN_2
-from test_train_reason import jsonl_lines, one_thread, write_jsonl
+from conftest import jsonl_lines
+from test_train_reason import one_thread, write_jsonl
 from test_train_runs import CPU_FP32, TINY_MODEL, run, same_weights, tiny_model
 
 SHORT_RUN = [*CPU_FP32, *TINY_MODEL, "--max_seq_len", "128", "--batch_size", "8", "--num_workers", "0"]
@@ -92,16 +93,10 @@ def names_itself(reply: str, name: str) -> bool:
 
 
 def documented_merge(base_file: Path, adapter_file: Path, merged_file: Path) -> None:
-    """Run the merge recipe of train_lora.py's docstring, with this test's model size and paths."""
-    doc = train_lora.__doc__
-    code = textwrap.dedent(doc[doc.index("    import torch\n"):doc.index("then e.g.")])
-    for documented, ours in (("LMConfig(dim=512, n_layers=8)", "LMConfig(dim=64, n_layers=2)"),
-                             ('"out/full_sft_512.pth"', repr(str(base_file))),
-                             ('"out/lora/lora_identity_512.pth"', repr(str(adapter_file))),
-                             ('"out/full_sft_identity_512.pth"', repr(str(merged_file)))):
-        assert documented in code, f"the docstring's merge recipe no longer contains {documented}"
-        code = code.replace(documented, ours)
-    exec(compile(code, "train_lora.py docstring", "exec"), {})
+    """Run the merge command that train_lora.py's docstring documents, with this test's model size and paths."""
+    assert "convert_model.py merge_lora --weight" in train_lora.__doc__
+    convert_model.main(["merge_lora", "--weight", str(base_file), "--lora", str(adapter_file), "--out", str(merged_file),
+                        "--n_layers", "2", "--n_heads", "8", "--n_kv_heads", "2"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,18 +123,18 @@ def test_adapter_changes_the_identity_and_leaves_the_base_untouched(tmp_path, sh
     base_file = out / "full_sft_64.pth"
     base_weights = torch.load(base_file, weights_only=True)
 
-    # The adapter: default --from_weight (full_sft), rank 8 on wq and wo; 80 steps.
+    # The adapter: default --from_weight (full_sft), default rank 16 on wq and wo; 80 steps.
     with one_thread():
         trainer = train_lora.main([*SHORT_RUN, "--data_path", str(train_file), "--out_dir", str(out), "--epochs", "8",
                                    "--learning_rate", "3e-2"])
     stdout = capsys.readouterr().out
-    assert "MiniMind LoRA 'lora_identity': rank 8 on 4 linears (wq,wo)" in stdout and f"base {base_file}," in stdout
+    assert "MiniMind LoRA 'lora_identity': rank 16 on 4 linears (wq,wo)" in stdout and f"base {base_file}," in stdout
     adapter_file = out / "lora" / "lora_identity_64.pth"
     adapter = torch.load(adapter_file, weights_only=True)
     expected_keys = {f"layers.{i}.attention.{w}.lora.{m}.weight" for i in range(2) for w in ("wq", "wo") for m in "AB"}
     assert set(adapter) == expected_keys
-    assert adapter["layers.0.attention.wq.lora.A.weight"].shape == (8, 64)
-    assert adapter["layers.0.attention.wq.lora.B.weight"].shape == (64, 8)
+    assert adapter["layers.0.attention.wq.lora.A.weight"].shape == (16, 64)
+    assert adapter["layers.0.attention.wq.lora.B.weight"].shape == (64, 16)
     assert set(torch.load(out / "lora" / "lora_identity_64_resume.pth", weights_only=True)["model"]) == expected_keys
 
     # Every base weight after training is bit-identical to the weights file it started from.

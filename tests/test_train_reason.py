@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer
 
 import train_distill_reason
-from conftest import TOKENIZER_DIR
+from conftest import TOKENIZER_DIR, jsonl_lines
 from model.checkpoint import MissingInputError
 from model.dataset import PadCollator, SFTDataset, render_conversation
 from model.model import MiniMindLM
@@ -40,12 +40,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def jsonl_lines(path: Path) -> list[str]:
-    """The records of a jsonl file. Split on "\\n" only: r1_mini.jsonl holds U+2028 inside strings, where
-    str.splitlines would cut a record in two."""
-    return [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def write_jsonl(lines: list[str], path: Path) -> Path:

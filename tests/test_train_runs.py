@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from conftest import ROOT, TOKENIZER_DIR
+from conftest import ROOT, TOKENIZER_DIR, jsonl_lines
 from model.checkpoint import WRITE_PAUSE_ENV
 from model.dataset import PretrainDataset, SFTDataset
 from model.LMConfig import LMConfig
@@ -42,9 +42,9 @@ def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 300
 
 def write_lines(source: Path, destination: Path, start: int, stop: int) -> Path:
     """A slice of a shared data file in the test's temp folder (never in the repository)."""
-    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)[start:stop]
+    lines = jsonl_lines(source)[start:stop]
     assert len(lines) == stop - start
-    destination.write_text("".join(lines), encoding="utf-8")
+    destination.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return destination
 
 

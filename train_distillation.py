@@ -79,7 +79,8 @@ def make_distillation_loss(teacher: nn.Module, alpha: float, temperature: float)
     return distillation_step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> Trainer:
+    """Run the stage with these command-line arguments (default: sys.argv); returns the finished Trainer."""
     parser = training_parser(
         __doc__.split("\n\n")[0],
         data_path="./dataset/sft_mini_512.jsonl",
@@ -101,7 +102,7 @@ def main() -> None:
     group.add_argument("--teacher_use_moe", type=str2bool, default=False, help="teacher is a mixture-of-experts model (1/0)")
     group.add_argument("--teacher_weight", default="full_sft",
                        help="teacher weights: a stage name ('full_sft' -> OUT_DIR/full_sft_{teacher_dim}[_moe].pth) or a .pth path")
-    args = parse_training_args(parser)
+    args = parse_training_args(parser, argv)
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.temperature <= 0:
@@ -152,6 +153,7 @@ def main() -> None:
         frozen_models=[teacher],
     )
     trainer.fit()
+    return trainer
 
 
 if __name__ == "__main__":

@@ -99,7 +99,8 @@ def make_dpo_loss(reference: nn.Module, beta: float, length_normalize: bool = Fa
     return dpo_step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> Trainer:
+    """Run the stage with these command-line arguments (default: sys.argv); returns the finished Trainer."""
     parser = training_parser(
         __doc__.split("\n\n")[0],
         data_path="./dataset/dpo.jsonl",
@@ -116,7 +117,7 @@ def main() -> None:
                        help="DPO temperature: how strongly the policy may move away from the reference")
     group.add_argument("--length_normalize", type=str2bool, default=False,
                        help="average the log-probs over each reply's tokens instead of summing them (1/0)")
-    args = parse_training_args(parser)
+    args = parse_training_args(parser, argv)
     if args.beta <= 0:
         parser.error(f"--beta must be > 0, got {args.beta}")
 
@@ -150,6 +151,7 @@ def main() -> None:
         frozen_models=[reference],
     )
     trainer.fit()
+    return trainer
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from conftest import TOKENIZER_DIR
+from model.checkpoint import MissingInputError
 from model.dataset import PadCollator, SFTDataset
 from model.LMConfig import LMConfig
 from model.model import MiniMindLM
@@ -20,6 +20,7 @@ from model.train_log import read_metrics
 from model.trainer import masked_cross_entropy
 from test_train_distributed import TORCHRUN_2
 from test_train_runs import CPU_FP32, TINY_MODEL, run, same_weights, tiny_model, write_lines
+import train_distillation
 from train_distillation import distillation_loss, make_distillation_loss, soft_kl
 
 # The teacher of the end-to-end runs: wider and deeper than the tiny student (dim 64, 2 layers).
@@ -80,6 +81,19 @@ def test_teacher_equal_to_student_gives_zero_kl_and_the_plain_ce_gradient(shared
     for ours, plain in zip(distilled_gradient, (p.grad for p in student.parameters())):
         torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-7)
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_missing_or_unusable_teacher_is_a_clear_error(tmp_path, shared_data, capsys):
+    data = ["--data_path", str(shared_data / "lora_identity.jsonl"), "--out_dir", str(tmp_path), *CPU_FP32, *TINY_MODEL,
+            "--from_weight", "none"]
+    with pytest.raises(MissingInputError) as error:
+        train_distillation.main([*data, *TEACHER_FLAGS])
+    assert str(error.value).startswith("teacher weights (--teacher_weight full_sft, sizes --teacher_dim 96 "
+                                       "--teacher_n_layers 3 --teacher_use_moe 0): ")
+    assert str(tmp_path / "full_sft_96.pth") in str(error.value)
+    with pytest.raises(SystemExit):
+        train_distillation.main([*data, "--teacher_weight", "none"])
+    assert "the teacher must be a trained model" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------

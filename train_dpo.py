@@ -8,8 +8,10 @@ otherwise; a frozen copy of those starting weights is the reference model. For e
 where every term is the log-probability of a conversation's assistant tokens (the SFT loss mask) under the
 policy (pi) or the reference (ref), summed over the tokens (--length_normalize 1: averaged). The implicit reward
 of a reply is beta * (pi - ref); the log shows how often the chosen reply out-scores the rejected one
-(reward_acc) and by how much (reward_margin). Writes out/rlhf_{dim}[_moe].pth and its _resume.pth, _metrics.jsonl
-and _loss.png.
+(reward_acc) and by how much (reward_margin). In multi-turn pairs the earlier replies are shared, so their
+log-probs cancel in the sum (with --length_normalize they still count in each mean). The reference runs without
+dropout: keep --dropout 0 (the default) so that policy and reference agree exactly at the start. Writes
+out/rlhf_{dim}[_moe].pth and its _resume.pth, _metrics.jsonl and _loss.png.
 
 The default learning rate 1e-8 is the original MiniMind's, meant to nudge a well-trained model without
 forgetting; fine-tuning small models usually needs ~1e-6 to 5e-6 to move at all.

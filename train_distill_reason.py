@@ -21,19 +21,16 @@ Then chat with the think block shown apart: python eval_model.py --model_mode 3
 from __future__ import annotations
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from model.checkpoint import load_weights, require_file, resolve_from_weight, weights_path
-from model.cli import init_run, model_config_from_args, parse_training_args, run_stage, training_parser
+from model.checkpoint import weights_path
+from model.cli import (
+    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, training_parser,
+)
 from model.dataset import PadCollator, SFTDataset
-from model.model import MiniMindLM
 from model.trainer import Trainer, masked_cross_entropy
 
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-DATA_HINT = (
-    "download r1_mix_1024.jsonl from the MiniMind dataset (https://huggingface.co/datasets/jingyaogong/minimind_dataset "
-    "or https://www.modelscope.cn/datasets/gongjy/minimind_dataset) into ./dataset/, or pass --data_path PATH"
-)
 
 
 def tag_token_ids(tokenizer: PreTrainedTokenizerBase, tokenizer_path: str) -> list[int]:
@@ -87,21 +84,14 @@ def main(argv: list[str] | None = None) -> Trainer:
     ctx = init_run(args)
 
     # Data: conversations whose replies hold the think and answer blocks
-    require_file(args.data_path, DATA_HINT)
-    tokenizer = AutoTokenizer.from_pretrained(require_file(args.tokenizer_path, "pass --tokenizer_path to a tokenizer folder"))
+    require_data(args, "r1_mix_1024.jsonl")
+    tokenizer = load_tokenizer(args)
     dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
     tag_ids = torch.tensor(tag_token_ids(tokenizer, args.tokenizer_path), device=ctx.device)
 
     # Model: every weight trained, starting from the DPO weights by default
-    config = model_config_from_args(args, vocab_size=len(tokenizer))
-    model = MiniMindLM(config)
-    if args.from_weight == "rlhf":  # the stage is named rlhf, its script train_dpo.py
-        require_file(weights_path(args.out_dir, "rlhf", config),
-                     "run train_dpo.py first with the same --dim/--n_layers/--use_moe and --out_dir, "
-                     "or pass --from_weight full_sft (or a .pth path)")
-    start_weights = resolve_from_weight(args.from_weight, args.out_dir, config)
-    if start_weights is not None:
-        load_weights(model, start_weights, f"run the stage that writes {start_weights} first")
+    model, start_weights = model_from_args(args, vocab_size=len(tokenizer))
+    config = model.config
     if ctx.is_main:
         origin = start_weights or "random initialisation"
         print(f"MiniMind reasoning distillation: {model.num_parameters() / 1e6:.3f}M parameters from {origin}, "

@@ -24,19 +24,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoTokenizer
 
-from model.checkpoint import MissingInputError, load_weights, require_file, resolve_from_weight, weights_path
-from model.cli import init_run, model_config_from_args, parse_training_args, run_stage, str2bool, training_parser
+from model.checkpoint import MissingInputError, load_weights, resolve_from_weight, weights_path
+from model.cli import (
+    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, str2bool,
+    training_parser,
+)
 from model.dataset import PadCollator, SFTDataset
 from model.LMConfig import LMConfig
 from model.model import MiniMindLM
 from model.trainer import LossFn, Trainer, masked_cross_entropy
-
-DATA_HINT = (
-    "download sft_mini_512.jsonl from the MiniMind dataset (https://huggingface.co/datasets/jingyaogong/minimind_dataset "
-    "or https://www.modelscope.cn/datasets/gongjy/minimind_dataset) into ./dataset/, or pass --data_path PATH"
-)
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mask: torch.Tensor,
@@ -114,16 +111,13 @@ def main(argv: list[str] | None = None) -> Trainer:
     ctx = init_run(args)
 
     # Data: SFT conversations; the loss covers the assistant replies only
-    require_file(args.data_path, DATA_HINT)
-    tokenizer = AutoTokenizer.from_pretrained(require_file(args.tokenizer_path, "pass --tokenizer_path to a tokenizer folder"))
+    require_data(args, "sft_mini_512.jsonl")
+    tokenizer = load_tokenizer(args)
     dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
 
     # Student: every weight trained, from the SFT weights of its size
-    config = model_config_from_args(args, vocab_size=len(tokenizer))
-    model = MiniMindLM(config)
-    start_weights = resolve_from_weight(args.from_weight, args.out_dir, config)
-    if start_weights is not None:
-        load_weights(model, start_weights, "run train_full_sft.py first")
+    model, start_weights = model_from_args(args, vocab_size=len(tokenizer))
+    config = model.config
 
     # Teacher: same tokenizer (vocabulary), its own sizes, frozen (moved to the device by the Trainer, never
     # wrapped, optimized or saved)

@@ -31,18 +31,14 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoTokenizer
 
-from model.checkpoint import load_weights, require_file, resolve_from_weight, weights_path
-from model.cli import init_run, model_config_from_args, parse_training_args, run_stage, str2bool, training_parser
-from model.dataset import DPOCollator, DPODataset
-from model.model import MiniMindLM
-from model.trainer import LossFn, Trainer
-
-DATA_HINT = (
-    "download dpo.jsonl from the MiniMind dataset (https://huggingface.co/datasets/jingyaogong/minimind_dataset "
-    "or https://www.modelscope.cn/datasets/gongjy/minimind_dataset) into ./dataset/, or pass --data_path PATH"
+from model.checkpoint import weights_path
+from model.cli import (
+    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, str2bool,
+    training_parser,
 )
+from model.dataset import DPOCollator, DPODataset
+from model.trainer import LossFn, Trainer
 
 
 def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
@@ -127,17 +123,14 @@ def main(argv: list[str] | None = None) -> Trainer:
     ctx = init_run(args)
 
     # Data: {"chosen": [...], "rejected": [...]} conversations, masked like SFT
-    require_file(args.data_path, DATA_HINT)
-    tokenizer = AutoTokenizer.from_pretrained(require_file(args.tokenizer_path, "pass --tokenizer_path to a tokenizer folder"))
+    require_data(args, "dpo.jsonl")
+    tokenizer = load_tokenizer(args)
     dataset = DPODataset(args.data_path, tokenizer, max_length=args.max_seq_len)
 
     # Model: the policy from the SFT weights, every weight trained; the reference is a frozen copy of the same
     # starting weights (moved to the device by the Trainer, never wrapped, optimized or saved).
-    config = model_config_from_args(args, vocab_size=len(tokenizer))
-    model = MiniMindLM(config)
-    start_weights = resolve_from_weight(args.from_weight, args.out_dir, config)
-    if start_weights is not None:
-        load_weights(model, start_weights, "run train_full_sft.py first")
+    model, start_weights = model_from_args(args, vocab_size=len(tokenizer))
+    config = model.config
     reference = copy.deepcopy(model)
     if ctx.is_main:
         origin = start_weights or "random initialisation"

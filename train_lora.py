@@ -28,21 +28,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer
 
-from model.checkpoint import load_weights, require_file, resolve_from_weight
-from model.cli import init_run, model_config_from_args, parse_training_args, run_stage, training_parser
+from model.cli import (
+    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, training_parser,
+)
 from model.dataset import PadCollator, SFTDataset
 from model.inference import lora_path
-from model.model import MiniMindLM
 from model.model_lora import DEFAULT_TARGETS, apply_lora, lora_state_dict, parse_targets
 from model.trainer import Trainer, causal_lm_loss
-
-DATA_HINT = (
-    "download lora_identity.jsonl (or lora_medical.jsonl) from the MiniMind dataset "
-    "(https://huggingface.co/datasets/jingyaogong/minimind_dataset or "
-    "https://www.modelscope.cn/datasets/gongjy/minimind_dataset) into ./dataset/, or pass --data_path PATH"
-)
 
 
 def main(argv: list[str] | None = None) -> Trainer:
@@ -79,17 +72,14 @@ def main(argv: list[str] | None = None) -> Trainer:
     ctx = init_run(args)
 
     # Data: conversations, loss on the assistant replies (as in SFT)
-    require_file(args.data_path, DATA_HINT)
-    tokenizer = AutoTokenizer.from_pretrained(require_file(args.tokenizer_path, "pass --tokenizer_path to a tokenizer folder"))
+    require_data(args, "lora_identity.jsonl (or lora_medical.jsonl)")
+    tokenizer = load_tokenizer(args)
     dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
 
     # Model: the chat weights, loaded before the adapters exist (strict keys), then every base weight frozen;
     # only the adapters (A random, B zero: the adapted model starts equal to the base) have requires_grad.
-    config = model_config_from_args(args, vocab_size=len(tokenizer))
-    model = MiniMindLM(config)
-    start_weights = resolve_from_weight(args.from_weight, args.out_dir, config)
-    if start_weights is not None:
-        load_weights(model, start_weights, "run train_full_sft.py first")
+    model, start_weights = model_from_args(args, vocab_size=len(tokenizer))
+    config = model.config
     targets = parse_targets(args.lora_targets)
     adapted = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=targets, freeze_base=True)
     if ctx.is_main:

@@ -12,18 +12,13 @@ Run (from the repository root, data in ./dataset/pretrain_hq.jsonl):
     python train_pretrain.py --resume 1                             # continue where the last checkpoint left off
     WANDB_MODE=offline python train_pretrain.py --use_wandb 1       # wandb without network (sync later)
 """
-from transformers import AutoTokenizer
 
-from model.checkpoint import load_weights, require_file, resolve_from_weight, weights_path
-from model.cli import init_run, model_config_from_args, parse_training_args, run_stage, training_parser
-from model.dataset import PadCollator, PretrainDataset
-from model.model import MiniMindLM
-from model.trainer import Trainer, causal_lm_loss
-
-DATA_HINT = (
-    "download pretrain_hq.jsonl from the MiniMind dataset (https://huggingface.co/datasets/jingyaogong/minimind_dataset "
-    "or https://www.modelscope.cn/datasets/gongjy/minimind_dataset) into ./dataset/, or pass --data_path PATH"
+from model.checkpoint import weights_path
+from model.cli import (
+    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, training_parser,
 )
+from model.dataset import PadCollator, PretrainDataset
+from model.trainer import Trainer, causal_lm_loss
 
 
 def main() -> None:
@@ -43,16 +38,13 @@ def main() -> None:
     ctx = init_run(args)
 
     # Data
-    require_file(args.data_path, DATA_HINT)
-    tokenizer = AutoTokenizer.from_pretrained(require_file(args.tokenizer_path, "pass --tokenizer_path to a tokenizer folder"))
+    require_data(args, "pretrain_hq.jsonl")
+    tokenizer = load_tokenizer(args)
     dataset = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
 
     # Model: random init unless --from_weight names a checkpoint to continue pretraining from
-    config = model_config_from_args(args, vocab_size=len(tokenizer))
-    model = MiniMindLM(config)
-    start_weights = resolve_from_weight(args.from_weight, args.out_dir, config)
-    if start_weights is not None:
-        load_weights(model, start_weights, "pass an existing --from_weight file")
+    model, start_weights = model_from_args(args, vocab_size=len(tokenizer))
+    config = model.config
     if ctx.is_main:
         print(f"MiniMind pretrain: {model.num_parameters() / 1e6:.3f}M parameters, {len(dataset):,} samples, "
               f"{ctx.world_size} process(es) on {ctx.device}", flush=True)

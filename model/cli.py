@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import MissingInputError, seed_everything
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .checkpoint import MissingInputError, load_weights, require_file, resolve_from_weight, seed_everything
 from .distributed import DistContext, cleanup_distributed, init_distributed, uses_deepspeed
 from .LMConfig import LMConfig
+from .model import MiniMindLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO_ROOT / "model" / "minimind_tokenizer"
@@ -140,6 +143,30 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> LMConfi
         use_moe=args.use_moe,
         dropout=args.dropout,
     )
+
+
+MINIMIND_DATASET = ("the MiniMind dataset (https://huggingface.co/datasets/jingyaogong/minimind_dataset "
+                    "or https://www.modelscope.cn/datasets/gongjy/minimind_dataset)")
+
+
+def require_data(args: argparse.Namespace, dataset_file: str) -> Path:
+    """--data_path, which must exist; the error names the MiniMind dataset file to download."""
+    return require_file(args.data_path, f"download {dataset_file} from {MINIMIND_DATASET} into ./dataset/, "
+                                        "or pass --data_path PATH")
+
+
+def load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(require_file(args.tokenizer_path, "pass --tokenizer_path to a tokenizer folder"))
+
+
+def model_from_args(args: argparse.Namespace, vocab_size: int) -> tuple[MiniMindLM, Path | None]:
+    """The model the flags describe and the --from_weight file loaded into it with strict keys (None: random
+    init). A missing file stops here, naming the stage that writes it."""
+    model = MiniMindLM(model_config_from_args(args, vocab_size))
+    start_weights = resolve_from_weight(args.from_weight, args.out_dir, model.config)
+    if start_weights is not None:
+        load_weights(model, start_weights, "pass an existing --from_weight file")
+    return model, start_weights
 
 
 # ----------------------------------------------------------------------------------------------------------------

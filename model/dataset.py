@@ -271,23 +271,20 @@ def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
     return ids, mask
 
 
-def _check_max_length(max_length: int) -> None:
-    if max_length < 2:
-        raise ValueError(f"max_length must be at least 2 (one input and one label), got {max_length}")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Datasets
 
-class PretrainDataset(Dataset):
-    """`{"text"}` lines -> [bos] + text + [eos], truncated to max_length, every label counted."""
+
+class JsonlDataset(Dataset):
+    """A lazily read jsonl file whose lines are checked by `validate`; subclasses turn a record into tensors."""
+
+    validate: Callable[[object], None]
 
     def __init__(self, data_path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int = 512,
                  skip_invalid: bool = False):
-        _check_max_length(max_length)
-        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-            raise ValueError("PretrainDataset needs a tokenizer with bos_token and eos_token set")
-        self.records = JsonlRecords(data_path, validate_text_record, skip_invalid)
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (one input and one label), got {max_length}")
+        self.records = JsonlRecords(data_path, type(self).validate, skip_invalid)
         self.tokenizer = tokenizer
         self.max_length = max_length
 
@@ -297,6 +294,18 @@ class PretrainDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+class PretrainDataset(JsonlDataset):
+    """`{"text"}` lines -> [bos] + text + [eos], truncated to max_length, every label counted."""
+
+    validate = staticmethod(validate_text_record)
+
+    def __init__(self, data_path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int = 512,
+                 skip_invalid: bool = False):
+        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("PretrainDataset needs a tokenizer with bos_token and eos_token set")
+        super().__init__(data_path, tokenizer, max_length, skip_invalid)
 
     def __getitem__(self, index: int) -> Triple:
         text = self.records[index]["text"]
@@ -305,48 +314,24 @@ class PretrainDataset(Dataset):
         return shift_for_next_token(ids, [1] * len(ids))
 
 
-class SFTDataset(Dataset):
+class SFTDataset(JsonlDataset):
     """`{"conversations": [...]}` lines -> the chat-template rendering, loss on the assistant replies only.
 
     A reply truncated away entirely leaves an all-zero loss_mask; the training loss must divide by
     `loss_mask.sum().clamp(min=1)`.
     """
 
-    def __init__(self, data_path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int = 512,
-                 skip_invalid: bool = False):
-        _check_max_length(max_length)
-        self.records = JsonlRecords(data_path, validate_conversation_record, skip_invalid)
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-
-    @property
-    def skipped(self) -> int:
-        return self.records.skipped
-
-    def __len__(self) -> int:
-        return len(self.records)
+    validate = staticmethod(validate_conversation_record)
 
     def __getitem__(self, index: int) -> Triple:
         conversation = self.records[index]["conversations"]
         return shift_for_next_token(*render_conversation(self.tokenizer, conversation, self.max_length))
 
 
-class DPODataset(Dataset):
+class DPODataset(JsonlDataset):
     """`{"chosen": [...], "rejected": [...]}` lines -> (chosen_triple, rejected_triple), each rendered like SFT."""
 
-    def __init__(self, data_path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int = 512,
-                 skip_invalid: bool = False):
-        _check_max_length(max_length)
-        self.records = JsonlRecords(data_path, validate_preference_record, skip_invalid)
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-
-    @property
-    def skipped(self) -> int:
-        return self.records.skipped
-
-    def __len__(self) -> int:
-        return len(self.records)
+    validate = staticmethod(validate_preference_record)
 
     def __getitem__(self, index: int) -> tuple[Triple, Triple]:
         record = self.records[index]

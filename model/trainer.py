@@ -203,9 +203,12 @@ class Trainer:
         self.resume_file = ckpt.resume_path(self.weights_file)
         self.deepspeed_dir = self.resume_file.with_suffix("")  # DeepSpeed's own states: out/pretrain_512_resume/
         self.export_state_dict = export_state_dict or (lambda m: m.state_dict())
-        for frozen in frozen_models:
-            frozen.to(ctx.device).eval().requires_grad_(False)
         self.use_deepspeed = uses_deepspeed(args)
+        # DeepSpeed runs the trained model in --dtype itself (no autocast), so frozen models are cast to the same
+        # dtype: a DPO reference must compute exactly what the policy computes at step 0.
+        frozen_dtype = getattr(torch, args.dtype) if self.use_deepspeed else None
+        for frozen in frozen_models:
+            frozen.to(device=ctx.device, dtype=frozen_dtype).eval().requires_grad_(False)
         self.dataset_size = len(train_dataset)
         self.samples_per_step = args.batch_size * ctx.world_size * args.accumulation_steps
         if self.dataset_size < self.samples_per_step:

@@ -5,7 +5,8 @@
 # 2. generates a small bilingual corpus (scripts/make_demo_data.py -> dataset/demo_*.jsonl),
 # 3. pretrains and then SFT-trains a 1.6M-parameter MiniMind (out/demo/pretrain_128.pth, out/demo/full_sft_128.pth),
 # 4. asks the chat model a few questions with eval_model.py.
-# Takes about 10 minutes on 2 CPU cores, well under a minute on a GPU. Set PYTHON to use another interpreter.
+# Takes about 4 minutes on 2 CPU cores (plus ~2 for the install), well under a minute on a GPU.
+# Set PYTHON to use another interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -7,11 +7,12 @@ of the original MiniMind adapters; files always hold scale-1 adapters, the scale
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from .checkpoint import atomic_save, require_file
 
 DEFAULT_TARGETS = ("wq", "wo")  # the square attention projections, as the original MiniMind
 ALL_LINEAR = "all"  # every nn.Linear inside the decoder blocks (wq, wk, wv, wo, w1, w2, w3)
@@ -105,18 +106,20 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lora(model: nn.Module, path: str) -> None:
     """Write the adapter-only file atomically (temp file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({k: v.detach().cpu() for k, v in lora_state_dict(model).items()}, tmp)
-    os.replace(tmp, path)
+    atomic_save({k: v.detach().cpu() for k, v in lora_state_dict(model).items()}, path)
 
 
-def load_lora(model: nn.Module, path: str) -> None:
-    """Load an adapter file into adapters already attached with apply_lora (keys must match exactly)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"LoRA adapter file not found: {path} (train one with train_lora.py --lora_name NAME)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+def read_lora_file(path: str) -> dict[str, torch.Tensor]:
+    """The adapter weights of a file written by save_lora (a DDP `module.` prefix is dropped)."""
+    state = torch.load(require_file(path, "train one with train_lora.py --lora_name NAME"), map_location="cpu",
+                       weights_only=True)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_lora(model: nn.Module, path: str, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load an adapter file (or its already-read `state`) into adapters attached with apply_lora; the keys must
+    match exactly."""
+    state = read_lora_file(path) if state is None else state
     modules = {f"{name}.": m for name, m in model.named_modules() if isinstance(m, LoRA)}
     expected = {f"{prefix}{part}.weight" for prefix in modules for part in ("A", "B")}
     missing, unexpected = expected - set(state), set(state) - expected
@@ -131,22 +134,20 @@ def load_lora(model: nn.Module, path: str) -> None:
             lora.B.weight.copy_(state[f"{prefix}B.weight"] / lora.scale)  # files store scale-1 adapters
 
 
-def attach_lora_file(model: nn.Module, path: str) -> list[str]:
-    """Attach adapters shaped like the file (rank and targets read from it), load it and freeze the base."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LoRA adapter file not found: {path} (train one with train_lora.py --lora_name NAME)")
-    rank, targets = rank_and_targets_of(path)
-    adapted = apply_lora(model, rank=rank, targets=targets, freeze_base=True)
-    load_lora(model, path)
-    return adapted
-
-
-def rank_and_targets_of(path: str) -> tuple[int, tuple[str, ...]]:
-    """Read rank and target names from an adapter file, so it can be attached without extra flags."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def rank_and_targets(state: dict[str, torch.Tensor]) -> tuple[int, tuple[str, ...]]:
+    """Rank and target names of adapter weights, so a file can be attached without extra flags."""
     targets = sorted({k.split(".lora.")[0].rsplit(".", 1)[-1] for k in state})
     rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora.A.weight"))
     return rank, tuple(targets)
+
+
+def attach_lora_file(model: nn.Module, path: str) -> list[str]:
+    """Attach adapters shaped like the file (rank and targets read from it), load it and freeze the base."""
+    state = read_lora_file(path)
+    rank, targets = rank_and_targets(state)
+    adapted = apply_lora(model, rank=rank, targets=targets, freeze_base=True)
+    load_lora(model, path, state)
+    return adapted
 
 
 @torch.no_grad()

@@ -11,7 +11,8 @@ from model.model_lora import (
     merge_lora,
     merged_state_dict,
     parse_targets,
-    rank_and_targets_of,
+    rank_and_targets,
+    read_lora_file,
     save_lora,
     unmerge_lora,
 )
@@ -95,7 +96,7 @@ def test_adapter_file_round_trip(tmp_path):
     saved = torch.load(path, weights_only=True)
     assert set(saved) == set(lora_state_dict(model))
     assert all(".lora." in k for k in saved)
-    assert rank_and_targets_of(str(path)) == (4, ("wk", "wq"))
+    assert rank_and_targets(read_lora_file(str(path))) == (4, ("wk", "wq"))
 
     fresh = base_model()
     apply_lora(fresh, rank=4, targets=("wq", "wk"))

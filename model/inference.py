@@ -23,6 +23,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .checkpoint import STAGE_SCRIPTS, load_state_dict_file, weights_path
+from .distributed import select_device
 from .hf_minimind import load_hf_folder
 from .LMConfig import LMConfig
 from .model import MiniMindLM
@@ -64,16 +65,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="auto: bfloat16 on GPUs that support it, float16 on other GPUs/MPS, float32 on CPU")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
@@ -103,7 +94,7 @@ def load_model(args: argparse.Namespace) -> tuple[MiniMindLM, PreTrainedTokenize
     --load 1 converts a Hugging Face folder in memory with the same code scripts/convert_model.py uses.
     A missing file raises FileNotFoundError naming the file and how to produce it.
     """
-    device = resolve_device(args.device)
+    device = select_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.load == 1:
         if not args.hf_path:

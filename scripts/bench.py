@@ -14,7 +14,6 @@ import argparse
 import resource
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import MiniMindLM, preset  # noqa: E402
 from model.distributed import select_device  # noqa: E402
+from model.trainer import autocast_context  # noqa: E402
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -36,12 +36,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast(device: torch.device, dtype_name: str):
-    if dtype_name == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype_name))
-
-
 def bench_train(model: MiniMindLM, device, dtype_name: str, batch: int, seq: int, steps: int) -> float:
     """Tokens per second of full training steps (after one warm-up step)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -49,7 +43,7 @@ def bench_train(model: MiniMindLM, device, dtype_name: str, batch: int, seq: int
     model.train()
 
     def step():
-        with autocast(device, dtype_name):
+        with autocast_context(device, dtype_name):
             out = model(ids[:, :-1])
             loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), ids[:, 1:].flatten()) + out.aux_loss
         loss.backward()
@@ -69,7 +63,7 @@ def bench_generate(model: MiniMindLM, device, dtype_name: str, batch: int, promp
     """New tokens per second of greedy KV-cache decoding (all rows together)."""
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
     model.eval()
-    with autocast(device, dtype_name):
+    with autocast_context(device, dtype_name):
         model.generate(ids, max_new_tokens=2, temperature=0)  # warm-up
         synchronize(device)
         start = time.perf_counter()

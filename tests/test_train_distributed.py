@@ -80,7 +80,7 @@ def test_deepspeed_zero2_trains_saves_and_resumes(tmp_path, data_and_reference):
 REPLICA_CHECK_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
-from model.distributed import check_replicas_in_sync, init_distributed
+from model.distributed import check_replicas_in_sync, cleanup_distributed, init_distributed
 ctx = init_distributed("cpu")
 torch.manual_seed(0)  # the same initial weights and bias on both ranks
 model = torch.nn.Linear(4, 3)
@@ -92,6 +92,8 @@ try:
     print(f"rank {{ctx.rank}}: in sync")
 except RuntimeError as error:
     print(f"rank {{ctx.rank}}: {{error}}")
+finally:
+    cleanup_distributed()  # without it gloo's threads can abort the interpreter at exit (SIGABRT)
 """
 
 

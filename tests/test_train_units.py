@@ -272,11 +272,11 @@ def test_write_pause_hook_leaves_a_partial_temp_file_and_stale_temps_are_removed
     import threading
     import time
 
-    monkeypatch.setenv(WRITE_PAUSE_ENV, "1.0")
+    monkeypatch.setenv(WRITE_PAUSE_ENV, "2.0")
     path = tmp_path / "r.pth"
     thread = threading.Thread(target=atomic_save, args=({"x": torch.zeros(10_000)}, path))
     thread.start()
-    deadline = time.time() + 5
+    deadline = time.time() + 30
     temps = []
     while time.time() < deadline and not temps:
         temps = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-r.pth.") and p.stat().st_size > 0]

@@ -199,14 +199,14 @@ def test_headless_streamlit_run_answers_health(out_dir):
     env = {k: v for k, v in os.environ.items() if k != "MINIMIND_WEB_ARGS"}
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while True:
             assert server.poll() is None, server.stderr.read().decode()
             try:
                 health = httpx.get(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
                 break
             except httpx.TransportError:
-                assert time.monotonic() < deadline, "streamlit did not start within 30 s"
+                assert time.monotonic() < deadline, "streamlit did not start within 90 s"
                 time.sleep(0.2)
         assert health.status_code == 200 and health.text == "ok"
         assert "<title>" in httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text

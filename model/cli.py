@@ -35,6 +35,23 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false, yes/no), got {value!r}")
 
 
+def add_architecture_args(group: argparse._ActionsContainer, *, with_dim: bool = True) -> None:
+    """The flags that name a MiniMind shape (shared by training, inference and conversion); `config_from_args`
+    turns them into an LMConfig. `with_dim=False` where the hidden size is read from the weights instead."""
+    if with_dim:
+        group.add_argument("--dim", type=int, default=512, help="hidden size")
+    group.add_argument("--n_layers", type=int, default=8, help="transformer blocks")
+    group.add_argument("--n_heads", type=int, default=8, help="query heads")
+    group.add_argument("--n_kv_heads", type=int, default=2, help="key/value heads (grouped-query attention)")
+    group.add_argument("--use_moe", type=str2bool, default=False, help="mixture-of-experts feed-forward (1/0)")
+
+
+def config_from_args(args: argparse.Namespace, **fields) -> LMConfig:
+    """The LMConfig the architecture flags describe, plus `fields` the caller knows (vocab_size, dropout, ...)."""
+    return LMConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                    use_moe=bool(args.use_moe), **fields)
+
+
 def training_parser(
     description: str,
     *,
@@ -77,11 +94,7 @@ def training_parser(
 
     # Model
     group = parser.add_argument_group("model")
-    group.add_argument("--dim", type=int, default=512, help="hidden size")
-    group.add_argument("--n_layers", type=int, default=8, help="transformer blocks")
-    group.add_argument("--n_heads", type=int, default=8, help="query heads")
-    group.add_argument("--n_kv_heads", type=int, default=2, help="key/value heads (grouped-query attention)")
-    group.add_argument("--use_moe", type=str2bool, default=False, help="mixture-of-experts feed-forward (1/0)")
+    add_architecture_args(group)
     group.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
     group.add_argument(
         "--from_weight",
@@ -132,19 +145,6 @@ def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None 
     return args
 
 
-def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> LMConfig:
-    """The LMConfig the model flags describe, with the tokenizer's vocabulary size."""
-    return LMConfig(
-        dim=args.dim,
-        n_layers=args.n_layers,
-        n_heads=args.n_heads,
-        n_kv_heads=args.n_kv_heads,
-        vocab_size=vocab_size,
-        use_moe=args.use_moe,
-        dropout=args.dropout,
-    )
-
-
 MINIMIND_DATASET = ("the MiniMind dataset (https://huggingface.co/datasets/jingyaogong/minimind_dataset "
                     "or https://www.modelscope.cn/datasets/gongjy/minimind_dataset)")
 
@@ -162,7 +162,7 @@ def load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
 def model_from_args(args: argparse.Namespace, vocab_size: int) -> tuple[MiniMindLM, Path | None]:
     """The model the flags describe and the --from_weight file loaded into it with strict keys (None: random
     init). A missing file stops here, naming the stage that writes it."""
-    model = MiniMindLM(model_config_from_args(args, vocab_size))
+    model = MiniMindLM(config_from_args(args, vocab_size=vocab_size, dropout=args.dropout))
     start_weights = resolve_from_weight(args.from_weight, args.out_dir, model.config)
     if start_weights is not None:
         load_weights(model, start_weights, "pass an existing --from_weight file")

@@ -17,22 +17,20 @@ import os
 import re
 from collections.abc import Generator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .checkpoint import STAGE_SCRIPTS, load_state_dict_file, weights_path
+from .cli import DEFAULT_TOKENIZER, add_architecture_args, config_from_args
 from .distributed import select_device
 from .hf_minimind import load_hf_folder
-from .LMConfig import LMConfig
 from .model import MiniMindLM
 from .model_lora import attach_lora_file
 
 MODEL_MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}  # weight file prefixes in out/
 # Which script writes each stage's weights, for the error message when a file is missing.
 PUBLISHED_WEIGHTS = "https://www.modelscope.cn/models/gongjy/MiniMind2-PyTorch/files"
-DEFAULT_TOKENIZER = str(Path(__file__).resolve().parent / "minimind_tokenizer")
 PRETRAIN_MODE = 0  # the only mode without a chat template: the model continues raw text
 
 
@@ -50,11 +48,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--out_dir", default="out", help="folder holding the native .pth weights")
     group.add_argument("--weight", default=None, help="explicit .pth file (overrides --model_mode's file name)")
     group.add_argument("--hf_path", default=None, help="Hugging Face model folder, used with --load 1")
-    group.add_argument("--dim", type=int, default=512, help="hidden size of the native model")
-    group.add_argument("--n_layers", type=int, default=8, help="number of decoder blocks")
-    group.add_argument("--n_heads", type=int, default=8, help="attention heads")
-    group.add_argument("--n_kv_heads", type=int, default=2, help="key/value heads (grouped-query attention)")
-    group.add_argument("--use_moe", type=int, default=0, choices=(0, 1), help="1: mixture-of-experts feed-forward")
+    add_architecture_args(group)
     group.add_argument("--max_seq_len", type=int, default=8192, help="context length: prompts are cut to fit it")
     group.add_argument("--lora_name", default=None,
                        help="LoRA adapter to apply, read from {out_dir}/lora/{lora_name}_{dim}.pth")
@@ -82,11 +76,6 @@ def native_weight_path(args: argparse.Namespace) -> str:
     return str(weights_path(args.out_dir, MODEL_MODES[args.model_mode], config_from_args(args)))
 
 
-def config_from_args(args: argparse.Namespace, vocab_size: int = 6400) -> LMConfig:
-    return LMConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                    vocab_size=vocab_size, use_moe=bool(args.use_moe), max_seq_len=args.max_seq_len)
-
-
 def load_model(args: argparse.Namespace) -> tuple[MiniMindLM, PreTrainedTokenizerBase]:
     """Build the model the flags of add_model_args describe, in eval mode on the chosen device and dtype.
 
@@ -110,8 +99,9 @@ def load_model(args: argparse.Namespace) -> tuple[MiniMindLM, PreTrainedTokenize
             f"model_mode {args.model_mode} ({stage}) needs it: run {STAGE_SCRIPTS[stage]} first, pass --weight PATH, "
             f"or download published MiniMind2 weights from {PUBLISHED_WEIGHTS} into {args.out_dir}/"))
         embedding = state.get("tok_embeddings.weight")  # the vocabulary size comes from the weights
-        config = config_from_args(args, vocab_size=embedding.shape[0] if embedding is not None else 6400)
-        tokenizer_path = args.tokenizer_path or DEFAULT_TOKENIZER
+        vocab_size = embedding.shape[0] if embedding is not None else 6400
+        config = config_from_args(args, vocab_size=vocab_size, max_seq_len=args.max_seq_len)
+        tokenizer_path = args.tokenizer_path or str(DEFAULT_TOKENIZER)
     if not os.path.isdir(tokenizer_path):
         raise FileNotFoundError(f"tokenizer folder not found: {tokenizer_path} (train it with train_tokenizer.py)")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)

@@ -30,7 +30,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from model.hf_minimind import load_hf_folder, save_hf_folder  # noqa: E402
 from model.checkpoint import atomic_save, load_state_dict_file  # noqa: E402
-from model.inference import DEFAULT_TOKENIZER  # noqa: E402
+from model.cli import DEFAULT_TOKENIZER, add_architecture_args  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
 from model.model import MiniMindLM  # noqa: E402
 from model.model_lora import attach_lora_file, merged_state_dict  # noqa: E402
@@ -40,7 +40,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfl
 
 def torch_to_hf(weight: str, hf_path: str, *, dim: int = 512, n_layers: int = 8, n_heads: int = 8,
                 n_kv_heads: int = 2, use_moe: bool = False, max_seq_len: int = 8192,
-                tokenizer_path: str = DEFAULT_TOKENIZER, dtype: torch.dtype | None = None) -> LMConfig:
+                tokenizer_path: str = str(DEFAULT_TOKENIZER), dtype: torch.dtype | None = None) -> LMConfig:
     """Export a native .pth to a Hugging Face folder (dtype None keeps the checkpoint's dtype). The vocabulary
     size is read from the weights; the other architecture fields must be given as trained (checked by shape)."""
     state = load_state_dict_file(weight, what_to_run="pass the weights file a train_*.py script wrote")
@@ -85,13 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     export = sub.add_parser("torch2hf", help="native .pth -> Hugging Face folder")
     export.add_argument("--weight", required=True, help="native weights, e.g. out/full_sft_512.pth")
     export.add_argument("--hf_path", required=True, help="output folder")
-    export.add_argument("--dim", type=int, default=512, help="hidden size the weights were trained with")
-    export.add_argument("--n_layers", type=int, default=8, help="number of decoder blocks")
-    export.add_argument("--n_heads", type=int, default=8, help="attention heads")
-    export.add_argument("--n_kv_heads", type=int, default=2, help="key/value heads")
-    export.add_argument("--use_moe", type=int, default=0, choices=(0, 1), help="1: mixture-of-experts model")
+    add_architecture_args(export)
     export.add_argument("--max_seq_len", type=int, default=8192, help="context length written to the config")
-    export.add_argument("--tokenizer_path", default=DEFAULT_TOKENIZER, help="tokenizer copied into the folder")
+    export.add_argument("--tokenizer_path", default=str(DEFAULT_TOKENIZER), help="tokenizer copied into the folder")
     export.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weight dtype (auto: keep)")
 
     imp = sub.add_parser("hf2torch", help="Hugging Face folder -> native .pth")
@@ -103,10 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     merge.add_argument("--weight", required=True, help="base weights the adapter was trained on, e.g. out/full_sft_512.pth")
     merge.add_argument("--lora", required=True, help="adapter file written by train_lora.py, e.g. out/lora/lora_identity_512.pth")
     merge.add_argument("--out", required=True, help="output .pth")
-    merge.add_argument("--n_layers", type=int, default=8, help="number of decoder blocks")
-    merge.add_argument("--n_heads", type=int, default=8, help="attention heads")
-    merge.add_argument("--n_kv_heads", type=int, default=2, help="key/value heads")
-    merge.add_argument("--use_moe", type=int, default=0, choices=(0, 1), help="1: mixture-of-experts model")
+    add_architecture_args(merge, with_dim=False)  # the hidden size is read from the weights
     return parser.parse_args(argv)
 
 

@@ -90,10 +90,9 @@ def main(argv: list[str] | None = None) -> Trainer:
     tag_ids = torch.tensor(tag_token_ids(tokenizer, args.tokenizer_path), device=ctx.device)
 
     # Model: every weight trained, starting from the DPO weights by default
-    model, start_weights = model_from_args(args, vocab_size=len(tokenizer))
+    model, origin = model_from_args(args, vocab_size=len(tokenizer))
     config = model.config
     if ctx.is_main:
-        origin = start_weights or "random initialisation"
         print(f"MiniMind reasoning distillation: {model.num_parameters() / 1e6:.3f}M parameters from {origin}, "
               f"{len(dataset):,} conversations, tag weight {args.tag_weight:g}, {ctx.world_size} process(es) on "
               f"{ctx.device}", flush=True)

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
 
     # Student: every weight trained, from the SFT weights of its size
-    model, start_weights = model_from_args(args, vocab_size=len(tokenizer))
+    model, origin = model_from_args(args, vocab_size=len(tokenizer))
     config = model.config
 
     # Teacher: same tokenizer (vocabulary), its own sizes, frozen (moved to the device by the Trainer, never
@@ -133,7 +133,6 @@ def main(argv: list[str] | None = None) -> Trainer:
         ) from None
     load_weights(teacher, teacher_weights, "train the teacher first (train_full_sft.py with the teacher's sizes)")
     if ctx.is_main:
-        origin = start_weights or "random initialisation"
         print(f"MiniMind distillation: student {model.num_parameters() / 1e6:.3f}M parameters from {origin}, teacher "
               f"{teacher.num_parameters() / 1e6:.3f}M from {teacher_weights}, alpha {args.alpha}, temperature "
               f"{args.temperature}, {len(dataset):,} conversations, {ctx.world_size} process(es) on {ctx.device}",

@@ -129,11 +129,10 @@ def main(argv: list[str] | None = None) -> Trainer:
 
     # Model: the policy from the SFT weights, every weight trained; the reference is a frozen copy of the same
     # starting weights (moved to the device by the Trainer, never wrapped, optimized or saved).
-    model, start_weights = model_from_args(args, vocab_size=len(tokenizer))
+    model, origin = model_from_args(args, vocab_size=len(tokenizer))
     config = model.config
     reference = copy.deepcopy(model)
     if ctx.is_main:
-        origin = start_weights or "random initialisation"
         print(f"MiniMind DPO: {model.num_parameters() / 1e6:.3f}M parameters from {origin} (also the frozen "
               f"reference), {len(dataset):,} preference pairs, beta {args.beta}, {ctx.world_size} process(es) "
               f"on {ctx.device}", flush=True)

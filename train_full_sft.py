@@ -43,10 +43,9 @@ def main() -> None:
     dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
 
     # Model: the pretrained weights (a missing file stops here and names the stage to run first)
-    model, start_weights = model_from_args(args, vocab_size=len(tokenizer))
+    model, origin = model_from_args(args, vocab_size=len(tokenizer))
     config = model.config
     if ctx.is_main:
-        origin = start_weights or "random initialisation"
         print(f"MiniMind full SFT: {model.num_parameters() / 1e6:.3f}M parameters from {origin}, {len(dataset):,} "
               f"conversations, {ctx.world_size} process(es) on {ctx.device}", flush=True)
 

@@ -78,14 +78,13 @@ def main(argv: list[str] | None = None) -> Trainer:
 
     # Model: the chat weights, loaded before the adapters exist (strict keys), then every base weight frozen;
     # only the adapters (A random, B zero: the adapted model starts equal to the base) have requires_grad.
-    model, start_weights = model_from_args(args, vocab_size=len(tokenizer))
+    model, origin = model_from_args(args, vocab_size=len(tokenizer))
     config = model.config
     targets = parse_targets(args.lora_targets)
     adapted = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=targets, freeze_base=True)
     if ctx.is_main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        origin = start_weights or "random initialisation"
         print(f"MiniMind LoRA '{args.lora_name}': rank {args.lora_rank} on {len(adapted)} linears ({args.lora_targets}), "
               f"{trainable / 1e6:.3f}M trainable of {total / 1e6:.3f}M parameters ({100 * trainable / total:.2f}%), "
               f"base {origin}, {len(dataset):,} conversations, {ctx.world_size} process(es) on {ctx.device}", flush=True)

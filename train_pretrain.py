@@ -43,11 +43,11 @@ def main() -> None:
     dataset = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
 
     # Model: random init unless --from_weight names a checkpoint to continue pretraining from
-    model, start_weights = model_from_args(args, vocab_size=len(tokenizer))
+    model, origin = model_from_args(args, vocab_size=len(tokenizer))
     config = model.config
     if ctx.is_main:
-        print(f"MiniMind pretrain: {model.num_parameters() / 1e6:.3f}M parameters, {len(dataset):,} samples, "
-              f"{ctx.world_size} process(es) on {ctx.device}", flush=True)
+        print(f"MiniMind pretrain: {model.num_parameters() / 1e6:.3f}M parameters from {origin}, {len(dataset):,} "
+              f"samples, {ctx.world_size} process(es) on {ctx.device}", flush=True)
 
     # Loop and save
     trainer = Trainer(

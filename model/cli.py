@@ -159,14 +159,16 @@ def load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(require_file(args.tokenizer_path, "pass --tokenizer_path to a tokenizer folder"))
 
 
-def model_from_args(args: argparse.Namespace, vocab_size: int) -> tuple[MiniMindLM, Path | None]:
-    """The model the flags describe and the --from_weight file loaded into it with strict keys (None: random
-    init). A missing file stops here, naming the stage that writes it."""
+def model_from_args(args: argparse.Namespace, vocab_size: int) -> tuple[MiniMindLM, str]:
+    """The model the flags describe with the --from_weight file loaded into it (strict keys), and where its
+    weights came from: that file, or "random initialisation". A missing file stops here, naming the stage
+    that writes it."""
     model = MiniMindLM(config_from_args(args, vocab_size=vocab_size, dropout=args.dropout))
     start_weights = resolve_from_weight(args.from_weight, args.out_dir, model.config)
-    if start_weights is not None:
-        load_weights(model, start_weights, "pass an existing --from_weight file")
-    return model, start_weights
+    if start_weights is None:
+        return model, "random initialisation"
+    load_weights(model, start_weights, "pass an existing --from_weight file")
+    return model, str(start_weights)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,10 +11,15 @@ with the KL summed over the vocabulary and averaged over the counted positions; 
 gradient scale independent of the temperature (Hinton et al., 2015). Writes out/full_dist_{dim}[_moe].pth and its
 _resume.pth, _metrics.jsonl and _loss.png; the log shows ce and kl separately.
 
+A student as wide as its teacher but shallower can start from the teacher itself (--init_from_teacher 1, with
+--from_weight none): its embedding, final norm and every (teacher layers / student layers)-th block, as DistilBERT
+(Sanh et al., 2019) initialises its student. It then starts close to the teacher instead of from noise.
+
 Run (from the repository root, data in ./dataset/sft_mini_512.jsonl):
     python train_distillation.py                                    # student 512x8 <- teacher 768x16
     python train_distillation.py --alpha 0 --temperature 1          # pure distillation, no hard labels
     python train_distillation.py --teacher_dim 640 --teacher_n_layers 8 --teacher_use_moe 1   # an MoE teacher
+    python train_distillation.py --dim 768 --n_layers 8 --teacher_n_layers 16 --from_weight none --init_from_teacher 1
     torchrun --nproc_per_node 2 train_distillation.py               # DDP on 2 GPUs (gloo on CPU)
     deepspeed --num_gpus 2 train_distillation.py --deepspeed ds_config.json
     python train_distillation.py --resume 1                         # continue where the last checkpoint left off
@@ -59,6 +64,29 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * ce + (1.0 - alpha) * temperature**2 * kl, ce, kl
 
 
+def teacher_blocks_for(teacher_layers: int, student_layers: int) -> list[int]:
+    """The teacher block each student block starts from: every (teacher/student)-th, from the first
+    (4 -> 2: blocks 0 and 2; 16 -> 8: 0, 2, ..., 14)."""
+    if not 1 <= student_layers <= teacher_layers:
+        raise ValueError(f"a student of {student_layers} blocks cannot start from a teacher of {teacher_layers}")
+    return [i * teacher_layers // student_layers for i in range(student_layers)]
+
+
+def student_state_from_teacher(teacher_state: dict[str, torch.Tensor], blocks: list[int]) -> dict[str, torch.Tensor]:
+    """The teacher's weights with only the chosen blocks, renumbered 0..len(blocks)-1; everything outside the
+    blocks (embedding, final norm, output head) is kept as it is."""
+    student_of = {teacher_block: student_block for student_block, teacher_block in enumerate(blocks)}
+    state = {}
+    for name, tensor in teacher_state.items():
+        if name.startswith("layers."):
+            _, index, rest = name.split(".", 2)
+            if int(index) in student_of:
+                state[f"layers.{student_of[int(index)]}.{rest}"] = tensor.clone()
+        else:
+            state[name] = tensor.clone()
+    return state
+
+
 def make_distillation_loss(teacher: nn.Module, alpha: float, temperature: float) -> LossFn:
     """The Trainer's loss function: the student (the model being trained) against the frozen `teacher`."""
 
@@ -99,6 +127,9 @@ def main(argv: list[str] | None = None) -> Trainer:
     group.add_argument("--teacher_use_moe", type=str2bool, default=False, help="teacher is a mixture-of-experts model (1/0)")
     group.add_argument("--teacher_weight", default="full_sft",
                        help="teacher weights: a stage name ('full_sft' -> OUT_DIR/full_sft_{teacher_dim}[_moe].pth) or a .pth path")
+    group.add_argument("--init_from_teacher", type=str2bool, default=False,
+                       help="start the student from the teacher's embedding, norm and every k-th block (same widths; "
+                            "needs --from_weight none) (1/0)")
     args = parse_training_args(parser, argv)
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
@@ -106,6 +137,18 @@ def main(argv: list[str] | None = None) -> Trainer:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
     if args.teacher_weight.lower() == "none":
         parser.error("--teacher_weight none: the teacher must be a trained model (a stage name or a .pth path)")
+    if args.init_from_teacher:
+        if args.from_weight.lower() != "none":
+            parser.error(f"--init_from_teacher 1 starts the student from the teacher: pass --from_weight none "
+                         f"(got {args.from_weight!r})")
+        shape = ("dim", "n_heads", "n_kv_heads", "use_moe")
+        differing = [name for name in shape if getattr(args, name) != getattr(args, f"teacher_{name}")]
+        if differing or args.n_layers > args.teacher_n_layers:
+            parser.error(f"--init_from_teacher 1 needs a student as wide as the teacher ({', '.join(shape)} equal) "
+                         f"and no deeper: student --dim {args.dim} --n_layers {args.n_layers} --n_heads {args.n_heads} "
+                         f"--n_kv_heads {args.n_kv_heads}, teacher --teacher_dim {args.teacher_dim} --teacher_n_layers "
+                         f"{args.teacher_n_layers} --teacher_n_heads {args.teacher_n_heads} --teacher_n_kv_heads "
+                         f"{args.teacher_n_kv_heads}")
 
     # Init: processes, device, seed
     ctx = init_run(args)
@@ -132,6 +175,10 @@ def main(argv: list[str] | None = None) -> Trainer:
             f"--teacher_n_layers {args.teacher_n_layers} --teacher_use_moe {int(args.teacher_use_moe)}): {error}"
         ) from None
     load_weights(teacher, teacher_weights, "train the teacher first (train_full_sft.py with the teacher's sizes)")
+    if args.init_from_teacher:
+        blocks = teacher_blocks_for(teacher_config.n_layers, config.n_layers)
+        model.load_state_dict(student_state_from_teacher(teacher.state_dict(), blocks), strict=True)
+        origin = f"the teacher's blocks {blocks}"
     if ctx.is_main:
         print(f"MiniMind distillation: student {model.num_parameters() / 1e6:.3f}M parameters from {origin}, teacher "
               f"{teacher.num_parameters() / 1e6:.3f}M from {teacher_weights}, alpha {args.alpha}, temperature "

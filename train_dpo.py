@@ -38,22 +38,7 @@ from model.cli import (
     training_parser,
 )
 from model.dataset import DPOCollator, DPODataset
-from model.trainer import LossFn, Trainer
-
-
-def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                       length_normalize: bool = False) -> torch.Tensor:
-    """Log-probability of each row's counted labels: logits (B, T, V), labels (B, T), loss_mask (B, T) -> (B,).
-
-    The sum over the positions where loss_mask is 1, or with length_normalize their mean (a row with no counted
-    position gives 0)."""
-    logits = logits.float()
-    label_logits = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    token_log_probs = label_logits - torch.logsumexp(logits, dim=-1)  # (B, T): log softmax at the label only
-    summed = (token_log_probs * loss_mask).sum(dim=-1)  # (B,)
-    if length_normalize:
-        return summed / loss_mask.sum(dim=-1).clamp(min=1.0)
-    return summed
+from model.trainer import LossFn, Trainer, sequence_log_probs
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,

@@ -15,6 +15,7 @@ import random
 import secrets
 import time
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -94,16 +95,15 @@ class _PausingWriter:
         self.file.flush()
 
 
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """torch.save to a temp file beside `path`, fsync, then rename over `path` (and fsync the folder)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(file) on a temp file beside `path`, fsync, then rename it over `path` (and fsync the folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique name opened with "x" (exclusive create), so the file gets the usual umask-based permissions.
     tmp_name = path.parent / f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
     try:
         with open(tmp_name, "xb") as file:
-            pause = float(os.environ.get(WRITE_PAUSE_ENV, "0") or 0)
-            torch.save(obj, _PausingWriter(file, pause) if pause > 0 else file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp_name, path)
@@ -117,6 +117,17 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """torch.save, atomically (see atomic_write)."""
+    pause = float(os.environ.get(WRITE_PAUSE_ENV, "0") or 0)
+    atomic_write(path, lambda file: torch.save(obj, _PausingWriter(file, pause) if pause > 0 else file))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text, atomically (see atomic_write)."""
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
 
 
 def remove_stale_temp_files(folder: str | os.PathLike, final_name: str) -> list[Path]:

@@ -74,6 +74,14 @@ def validate_conversation_record(record: Any) -> None:
     validate_messages(record["conversations"], "conversations")
 
 
+def validate_chat_or_text_record(record: Any) -> None:
+    """An SFT line: a conversation, or `{"text": str}` (pretraining text replayed during fine-tuning)."""
+    if isinstance(record, dict) and "text" in record and "conversations" not in record:
+        validate_text_record(record)
+    else:
+        validate_conversation_record(record)
+
+
 def validate_preference_record(record: Any) -> None:
     """A DPO line: `{"chosen": [...], "rejected": [...]}`, both conversations."""
     if not isinstance(record, dict):
@@ -296,6 +304,14 @@ class JsonlDataset(Dataset):
         return len(self.records)
 
 
+def text_item(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> Triple:
+    """[bos] + text + [eos], truncated to max_length, every label counted."""
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError("plain-text samples need a tokenizer with bos_token and eos_token set")
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+    return shift_for_next_token(ids[:max_length], [1] * min(len(ids), max_length))
+
+
 class PretrainDataset(JsonlDataset):
     """`{"text"}` lines -> [bos] + text + [eos], truncated to max_length, every label counted."""
 
@@ -308,24 +324,25 @@ class PretrainDataset(JsonlDataset):
         super().__init__(data_path, tokenizer, max_length, skip_invalid)
 
     def __getitem__(self, index: int) -> Triple:
-        text = self.records[index]["text"]
-        ids = [self.tokenizer.bos_token_id, *self.tokenizer.encode(text, add_special_tokens=False),
-               self.tokenizer.eos_token_id][: self.max_length]
-        return shift_for_next_token(ids, [1] * len(ids))
+        return text_item(self.tokenizer, self.records[index]["text"], self.max_length)
 
 
 class SFTDataset(JsonlDataset):
     """`{"conversations": [...]}` lines -> the chat-template rendering, loss on the assistant replies only.
 
+    A line may instead be `{"text": ...}`: pretraining text replayed during fine-tuning, trained on every token as
+    in pretraining. Mixing some in keeps a small model from forgetting what it read while it learns to chat.
     A reply truncated away entirely leaves an all-zero loss_mask; the training loss must divide by
     `loss_mask.sum().clamp(min=1)`.
     """
 
-    validate = staticmethod(validate_conversation_record)
+    validate = staticmethod(validate_chat_or_text_record)
 
     def __getitem__(self, index: int) -> Triple:
-        conversation = self.records[index]["conversations"]
-        return shift_for_next_token(*render_conversation(self.tokenizer, conversation, self.max_length))
+        record = self.records[index]
+        if "conversations" not in record:
+            return text_item(self.tokenizer, record["text"], self.max_length)
+        return shift_for_next_token(*render_conversation(self.tokenizer, record["conversations"], self.max_length))
 
 
 class DPODataset(JsonlDataset):

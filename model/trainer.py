@@ -154,6 +154,21 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: 
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                       length_normalize: bool = False) -> torch.Tensor:
+    """Log-probability of each row's counted labels: logits (B, T, V), labels (B, T), loss_mask (B, T) -> (B,).
+
+    The sum over the positions where loss_mask is 1, or with length_normalize their mean (a row with no counted
+    position gives 0)."""
+    logits = logits.float()
+    label_logits = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    token_log_probs = label_logits - torch.logsumexp(logits, dim=-1)  # (B, T): log softmax at the label only
+    summed = (token_log_probs * loss_mask).sum(dim=-1)  # (B,)
+    if length_normalize:
+        return summed / loss_mask.sum(dim=-1).clamp(min=1.0)
+    return summed
+
+
 def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of a (X, Y, loss_mask) batch: masked cross-entropy plus the MoE balancing loss (0 for dense models)."""
     inputs, labels, loss_mask = batch

@@ -16,6 +16,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 TOKENIZER_DIR = ROOT / "model" / "minimind_tokenizer"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: end-to-end runs in subprocesses; deselect with -m 'not slow'")
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data beside the checkout: CI has it; on a fresh user clone these tests skip."""

@@ -127,7 +127,8 @@ def test_missing_file_says_where_to_put_data(tmp_path, tokenizer):
 BAD_SFT_LINES = [
     ('{"conversations": [', "invalid JSON"),
     ('["not", "an", "object"]', "expected a JSON object"),
-    ('{"text": "wrong stage"}', "missing field 'conversations'"),
+    ('{"texts": "a typo"}', "missing field 'conversations'"),
+    ('{"text": 3}', "field 'text' must be a string"),
     ('{"conversations": "hi"}', "field 'conversations' must be a non-empty list"),
     ('{"conversations": []}', "field 'conversations' must be a non-empty list"),
     ('{"conversations": [{"role": "user", "content": "q"}, {"role": "tool", "content": "a"}]}',
@@ -205,6 +206,19 @@ def test_pretrain_item_is_bos_text_eos_shifted(tmp_path, tokenizer):
     x, y, mask = dataset[2]  # truncated to max_length tokens, so 15 input/label pairs and no eos
     full = [BOS, *tokenizer.encode("长文本" * 50, add_special_tokens=False)]
     assert x.tolist() == full[:15] and y.tolist() == full[1:16] and EOS not in y.tolist()
+
+
+def test_sft_replays_text_lines_exactly_as_pretraining(tmp_path, tokenizer):
+    """A {"text"} line in SFT data is trained like pretraining (every token counts); chats keep their reply mask."""
+    rows = [{"text": "hello world 你好"}, GOOD_SFT, {"text": "长文本" * 50}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    sft, pretrain = SFTDataset(path, tokenizer, max_length=16), PretrainDataset(path, tokenizer, max_length=16)
+    for index in (0, 2):
+        assert all(torch.equal(a, b) for a, b in zip(sft[index], pretrain[index]))
+    chat_ids, chat_mask = render_conversation(tokenizer, GOOD_SFT["conversations"], 16)
+    x, y, mask = sft[1]
+    assert x.tolist() == chat_ids[:-1] and mask.tolist() == [float(m) for m in chat_mask[1:]]
+    assert 0 < mask.sum() < len(mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ from model.trainer import masked_cross_entropy
 from test_train_distributed import TORCHRUN_2
 from test_train_runs import CPU_FP32, TINY_MODEL, run, same_weights, tiny_model, write_lines
 import train_distillation
-from train_distillation import distillation_loss, make_distillation_loss, soft_kl
+from train_distillation import (
+    distillation_loss, make_distillation_loss, soft_kl, student_state_from_teacher, teacher_blocks_for,
+)
 
 # The teacher of the end-to-end runs: wider and deeper than the tiny student (dim 64, 2 layers).
 TEACHER_FLAGS = ["--teacher_dim", "96", "--teacher_n_layers", "3", "--teacher_n_heads", "8", "--teacher_n_kv_heads", "2"]
@@ -94,6 +96,48 @@ def test_missing_or_unusable_teacher_is_a_clear_error(tmp_path, shared_data, cap
     with pytest.raises(SystemExit):
         train_distillation.main([*data, "--teacher_weight", "none"])
     assert "the teacher must be a trained model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A student that starts from the teacher's blocks
+
+
+def test_teacher_blocks_are_every_kth_from_the_first():
+    assert teacher_blocks_for(4, 2) == [0, 2]
+    assert teacher_blocks_for(16, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert teacher_blocks_for(8, 3) == [0, 2, 5]
+    assert teacher_blocks_for(3, 3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="a student of 5 blocks cannot start from a teacher of 4"):
+        teacher_blocks_for(4, 5)
+
+
+def test_student_from_teacher_blocks_computes_what_those_blocks_compute():
+    torch.manual_seed(0)
+    teacher = MiniMindLM(LMConfig(dim=64, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=300)).eval()
+    student = MiniMindLM(LMConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=300)).eval()
+    student.load_state_dict(student_state_from_teacher(teacher.state_dict(), [0, 2]), strict=True)
+    for name, value in student.layers[1].state_dict().items():
+        assert torch.equal(value, teacher.layers[2].state_dict()[name])
+    # Independent reference: the teacher's own modules applied by hand, skipping blocks 1 and 3
+    tokens = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        cos, sin = teacher.rotary(torch.arange(9).expand(2, 9))
+        h = teacher.tok_embeddings(tokens)
+        for index in (0, 2):
+            h = teacher.layers[index](h, cos, sin, None)[0]
+        expected = teacher.output(teacher.norm(h))
+        assert torch.allclose(student(tokens).logits, expected, atol=1e-6)
+    assert student.tok_embeddings.weight.data_ptr() == student.output.weight.data_ptr()  # still tied
+
+
+def test_init_from_teacher_flag_errors_name_the_fix(tmp_path, capsys):
+    base = ["--data_path", str(tmp_path / "none.jsonl"), "--out_dir", str(tmp_path), *CPU_FP32, *TINY_MODEL]
+    with pytest.raises(SystemExit):
+        train_distillation.main([*base, *TEACHER_FLAGS, "--init_from_teacher", "1"])
+    assert "--init_from_teacher 1 starts the student from the teacher: pass --from_weight none" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_distillation.main([*base, *TEACHER_FLAGS, "--init_from_teacher", "1", "--from_weight", "none"])
+    assert "needs a student as wide as the teacher" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import re
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -63,6 +62,11 @@ DPO_BETA = 0.1
 WELL_FORMED = re.compile(r"<think>\n(.+?)\n</think>\n<answer>\n(.+?)\n</answer>", re.S)
 
 
+# Typical seconds per stage of the full demo on 2 CPU cores (measured; the ETA scales them by this machine's speed)
+SECONDS_FULL = {"data": 3, "tokenizer": 4, "pretrain": 185, "sft": 75, "lora": 13, "dpo": 10, "distill": 42,
+                "reason": 63}
+
+
 @dataclass(frozen=True)
 class Plan:
     """What each stage trains on and for how long; `full` is the demo, `quick` a smoke run for tests."""
@@ -81,8 +85,7 @@ FULL = Plan(
     world=("--n_people", "160", "--n_animals", "48", "--n_cities", "12", "--mentions", "180", "--qa_per_fact", "6",
            "--n_reason", "12000", "--n_identity", "100", "--dpo_per_fact", "2", "--n_distill", "600"),
     pretrain_epochs=1, sft_epochs=1, lora_epochs=4, dpo_epochs=1, distill_epochs=4, reason_epochs=1, max_steps=0,
-    seconds={"data": 3, "tokenizer": 5, "pretrain": 155, "sft": 92, "lora": 13, "dpo": 11, "distill": 40,
-             "reason": 60},
+    seconds=SECONDS_FULL,
 )
 QUICK = Plan(
     world=("--n_people", "16", "--n_animals", "6", "--n_cities", "4", "--mentions", "12", "--qa_per_fact", "2",
@@ -129,18 +132,18 @@ def training_flags(args: argparse.Namespace, out_dir: Path, data_file: Path, epo
 
 
 def build_stages(args: argparse.Namespace, plan: Plan) -> list[Stage]:
-    python, data, out = sys.executable, args.data_dir, args.out_dir
+    data, out = args.data_dir, args.out_dir
     model = flags(MODEL)
     suffix = f"_{MODEL['dim']}"
 
     def train(script: str, data_file: str, epochs: int, *extra: str) -> list[str]:
-        return [python, script, *model, *training_flags(args, out, data / data_file, epochs, plan.max_steps), *extra]
+        return [script, *model, *training_flags(args, out, data / data_file, epochs, plan.max_steps), *extra]
 
     distill = []
     for with_teacher in (True, False):
         run_dir = out / "distill" / ("with_teacher" if with_teacher else "without_teacher")
         distill.append([
-            python, "train_distillation.py", *flags(STUDENT),
+            "train_distillation.py", *flags(STUDENT),
             *training_flags(args, run_dir, data / "distill.jsonl", plan.distill_epochs, plan.max_steps),
             "--from_weight", "none", "--init_from_teacher", "1", "--learning_rate", "1e-3", "--warmup_iters", "30",
             "--teacher_dim", str(MODEL["dim"]), "--teacher_n_layers", str(MODEL["n_layers"]),
@@ -150,10 +153,10 @@ def build_stages(args: argparse.Namespace, plan: Plan) -> list[Stage]:
             "--alpha", "0" if with_teacher else "1", "--temperature", "1",
         ])
     return [
-        Stage("data", "generate the mini-world", [[python, "scripts/make_demo_data.py", "--out_dir", str(data),
+        Stage("data", "generate the mini-world", [["scripts/make_demo_data.py", "--out_dir", str(data),
                                                     "--seed", str(args.seed), *plan.world]], [data / "world.json"]),
         Stage("tokenizer", "train a BPE tokenizer on the demo text",
-              [[python, "scripts/train_tokenizer.py", "--data_path", *(str(data / f) for f in
+              [["scripts/train_tokenizer.py", "--data_path", *(str(data / f) for f in
                 ("pretrain.jsonl", "sft.jsonl", "lora_identity.jsonl", "reason.jsonl")),
                 "--vocab_size", "2048", "--isolate_spaces", "1", "--out_dir", str(out / "tokenizer")]],
               [out / "tokenizer" / "tokenizer.json"]),
@@ -180,8 +183,18 @@ def build_stages(args: argparse.Namespace, plan: Plan) -> list[Stage]:
 
 
 def fingerprint(commands: list[list[str]], upstream: str) -> str:
-    """Identifies a stage's work: its commands (minus the interpreter path) and everything before it."""
-    return hashlib.sha256(json.dumps([[command[1:] for command in commands], upstream]).encode()).hexdigest()[:16]
+    """Identifies a stage's work: its commands and everything before it."""
+    return hashlib.sha256(json.dumps([commands, upstream]).encode()).hexdigest()[:16]
+
+
+def code_version() -> str:
+    """A hash of the code the stages run (the scripts and model/), so that a changed script retrains what follows."""
+    sources = sorted([*REPO_ROOT.glob("train_*.py"), *(REPO_ROOT / "model").glob("*.py"),
+                      REPO_ROOT / "scripts" / "make_demo_data.py", REPO_ROOT / "scripts" / "train_tokenizer.py"])
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def sha256(path: Path) -> str:
@@ -218,7 +231,7 @@ def run_stages(args: argparse.Namespace, plan: Plan, manifest: Manifest,
                evaluate: Callable[[str], None]) -> dict[str, dict]:
     """Run (or reuse) every stage in order, each followed by its evaluation; returns {stage: {seconds, reused}}."""
     done: dict[str, dict] = {}
-    upstream = ""
+    upstream = code_version()
     start = time.time()
     stage_names = [stage.name for stage in build_stages(args, plan)]
     for index, name in enumerate(stage_names):
@@ -226,9 +239,9 @@ def run_stages(args: argparse.Namespace, plan: Plan, manifest: Manifest,
         stage_fingerprint = fingerprint(stage.commands, upstream)
         upstream = stage_fingerprint
         remaining = sum(plan.seconds[n] for n in stage_names[index:])
-        spent = sum(entry["seconds"] for entry in done.values() if not entry["reused"])
-        typical_spent = sum(plan.seconds[n] for n, entry in done.items() if not entry["reused"])
-        speed = spent / typical_spent if typical_spent else 1.0  # this machine vs the 2-core reference
+        # this machine's speed against the 2-core reference, from the training stages run so far
+        measured = [n for n, entry in done.items() if not entry["reused"] and n not in ("data", "tokenizer")]
+        speed = sum(done[n]["seconds"] for n in measured) / sum(plan.seconds[n] for n in measured) if measured else 1.0
         header = f"[{index + 1}/{len(stage_names)}] {name}: {stage.what}"
         if not args.fresh and manifest.finished(stage, stage_fingerprint):
             seconds = manifest.entries[name]["seconds"]
@@ -241,8 +254,8 @@ def run_stages(args: argparse.Namespace, plan: Plan, manifest: Manifest,
             manifest.forget(stage)
             began = time.time()
             for command in stage.commands:
-                print("    $ " + " ".join(command[1:]), flush=True)
-                result = subprocess.run([sys.executable, *command[1:]], cwd=REPO_ROOT)
+                print("    $ python " + " ".join(command).replace(f"{REPO_ROOT}/", ""), flush=True)
+                result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT)
                 if result.returncode != 0:
                     raise SystemExit(f"demo: stage '{name}' failed (exit {result.returncode}); the command is printed "
                                      f"above, run it from {REPO_ROOT} to see why")
@@ -301,10 +314,8 @@ class Evaluator:
 
     def after_data(self) -> None:
         world = json.loads((self.data / "world.json").read_text(encoding="utf-8"))
-        splits = defaultdict(int)
-        for entity in world["entities"]:
-            splits[entity["split"]] += 1
-        self.results["world"] = {"entities": len(world["entities"]), "splits": dict(splits),
+        splits = {split: sum(e["split"] == split for e in world["entities"]) for split in ("sft", "dpo", "heldout")}
+        self.results["world"] = {"entities": len(world["entities"]), "splits": splits,
                                  "facts": sum(len(e["facts"]) for e in world["entities"])}
         self.world = world
 
@@ -453,7 +464,7 @@ def print_table(results: dict, stages: dict[str, dict]) -> None:
     r = results
     sft, lora, dpo, dist, reason = r["sft"], r["lora"], r["dpo"], r["distill"], r["reason"]
     rows = [
-        ("data", f"{r['world']['entities']} entities, {r['world']['facts']} facts; splits "
+        ("data", f"{r['world']['entities']} entities, {r['world']['facts']} facts; split into "
                  + ", ".join(f"{k} {v}" for k, v in r["world"]["splits"].items())),
         ("tokenizer", f"{r['tokenizer']['vocab_size']:,} tokens; {r['tokenizer']['single_token_names']}/"
                       f"{r['tokenizer']['names']} names are single tokens"),
@@ -500,8 +511,9 @@ def print_samples(results: dict, samples: list[dict]) -> None:
         print(f"      with adapter: {reply['with_adapter']!r}   without: {reply['without_adapter']!r}")
 
 
-def plot_losses(args: argparse.Namespace, path: Path) -> None:
-    """One panel per training stage: the loss logged by each run's metrics file."""
+def plot_losses(args: argparse.Namespace, results: dict, path: Path) -> None:
+    """One panel per training stage: the loss logged by each run's metrics file (the distillation panel also gives
+    the two students' held-out losses)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -513,7 +525,7 @@ def plot_losses(args: argparse.Namespace, path: Path) -> None:
         ("sft", {"": out / f"full_sft_{dim}_metrics.jsonl"}),
         ("lora", {"": out / "lora" / f"lora_identity_{dim}_metrics.jsonl"}),
         ("dpo", {"": out / f"rlhf_{dim}_metrics.jsonl"}),
-        ("distill (student)", {f"{run.replace('_', ' ')}": out / "distill" / run / f"full_dist_{STUDENT['dim']}_metrics.jsonl"
+        ("distill: the students' cross-entropy", {f"{run.replace('_', ' ')}": out / "distill" / run / f"full_dist_{STUDENT['dim']}_metrics.jsonl"
                                for run in ("with_teacher", "without_teacher")}),
         ("reason", {"": out / f"reason_{dim}_metrics.jsonl"}),
     ]
@@ -523,11 +535,12 @@ def plot_losses(args: argparse.Namespace, path: Path) -> None:
             rows = read_metrics(metrics_file)
             key = "ce" if "ce" in rows[0] else "loss"  # distillation: the CE on the data, comparable across runs
             axis.plot([row["step"] for row in rows], [row[key] for row in rows], label=label or None)
-        axis.set_title(title + (" (cross-entropy)" if title.startswith("distill") else ""))
+        axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
         if len(runs) > 1:
-            axis.legend()
+            held_out = {run: results["distill"][run]["heldout_text_loss"] for run in ("with_teacher", "without_teacher")}
+            axis.legend(title="held-out loss " + " vs ".join(f"{loss:.3f}" for loss in held_out.values()))
     figure.suptitle(f"MiniMind demo training losses (seed {args.seed})")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -557,12 +570,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                         help="training precision; auto: bfloat16/float16 autocast on CUDA, float32 on CPU and MPS")
-    parser.add_argument("--out_dir", type=Path, default=REPO_ROOT / "out" / "demo", help="checkpoints and results.json")
-    parser.add_argument("--data_dir", type=Path, default=REPO_ROOT / "dataset" / "demo", help="the generated data")
+    parser.add_argument("--out_dir", type=Path, default=None,
+                        help="checkpoints and results.json (default: out/demo, with --quick out/demo_quick)")
+    parser.add_argument("--data_dir", type=Path, default=None,
+                        help="the generated data (default: dataset/demo, with --quick dataset/demo_quick)")
     parser.add_argument("--plot", type=Path, default=None,
                         help="loss-curve PNG (default: images/demo_loss.png; with --quick OUT_DIR/demo_loss.png)")
     args = parser.parse_args(argv)
-    args.out_dir, args.data_dir = args.out_dir.resolve(), args.data_dir.resolve()
+    name = "demo_quick" if args.quick else "demo"
+    args.out_dir = (args.out_dir or REPO_ROOT / "out" / name).resolve()
+    args.data_dir = (args.data_dir or REPO_ROOT / "dataset" / name).resolve()
     if args.plot is None:
         args.plot = args.out_dir / "demo_loss.png" if args.quick else REPO_ROOT / "images" / "demo_loss.png"
     return args
@@ -593,9 +610,10 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(results, stages)
     print_samples(results, evaluator.samples)
     atomic_write_text(args.out_dir / "results.json", json.dumps(results, ensure_ascii=False, indent=1) + "\n")
-    plot_losses(args, args.plot)
+    plot_losses(args, results, args.plot)
     print(f"\nwrote {args.out_dir / 'results.json'} and {args.plot}")
-    print(f"chat with it: python eval_model.py --out_dir {args.out_dir} --tokenizer_path {args.out_dir / 'tokenizer'} "
+    out = str(args.out_dir).replace(f"{REPO_ROOT}/", "")
+    print(f"chat with it: python eval_model.py --out_dir {out} --tokenizer_path {out}/tokenizer "
           f"--dim {MODEL['dim']} --n_layers {MODEL['n_layers']} --n_heads {MODEL['n_heads']} --n_kv_heads "
           f"{MODEL['n_kv_heads']} --temperature 0")
     return results

@@ -167,3 +167,23 @@ def test_training_input_errors_name_file_and_line(tmp_path):
     assert list(train_tokenizer.iter_texts([corpus], field="text", max_chars=2)) == ["ok"]
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         list(train_tokenizer.iter_texts([tmp_path / "missing.jsonl"]))
+
+
+def test_isolated_spaces_give_a_word_one_token_wherever_it_stands(tmp_path):
+    names = ["Kalomir", "Velora", "Pelmora"]
+    lines = [f"{a} lives in {b}. {a} 住在 {b}。{b}是{a}的家。" for a in names for b in names] * 20
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    isolated = train_tokenizer.main(["--data_path", str(corpus), "--vocab_size", "2000", "--isolate_spaces", "1",
+                                     "--out_dir", str(tmp_path / "isolated")])
+    glued = train_tokenizer.main(["--data_path", str(corpus), "--vocab_size", "2000", "--out_dir", str(tmp_path / "glued")])
+    for name in names:
+        [alone] = isolated.encode(name, add_special_tokens=False)
+        assert isolated.encode(f" {name}", add_special_tokens=False) == [isolated.convert_tokens_to_ids("Ġ"), alone]
+        assert isolated.encode(f"住在 {name}。", add_special_tokens=False)[-2] == alone
+        assert glued.encode(f" {name}", add_special_tokens=False) != [glued.convert_tokens_to_ids("Ġ"),
+                                                                       *glued.encode(name, add_special_tokens=False)]
+    text = "Kalomir  lives\tin 住在 Pelmora 🙂 \n <think>x</think>"
+    assert isolated.decode(isolated.encode(text, add_special_tokens=False)) == text
+    for token, expected in EXPECTED_IDS.items():
+        assert isolated.encode(token, add_special_tokens=False) == [expected]

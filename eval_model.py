@@ -22,18 +22,16 @@ from typing import TextIO
 from transformers import PreTrainedTokenizerBase
 
 from model import MiniMindLM
+from model.common import PRETRAIN_MODE, REASON_MODE, exit_on_input_error
 from model.inference import (
-    PRETRAIN_MODE,
     GenerationResult,
-    ReasoningStream,
+    ReplyRouter,
     add_model_args,
     load_model,
     native_weight_path,
     split_reasoning,
     stream_chat,
 )
-
-REASON_MODE = 3
 TEST_PROMPTS = {  # a few Chinese and English prompts per kind of model
     "pretrain": [
         "马克思主义基本原理",
@@ -66,51 +64,42 @@ def test_prompts_for(model_mode: int) -> list[str]:
 
 
 class ReplyPrinter:
-    """Writes streamed deltas; for reasoning models the think part goes in a labelled (and, on a terminal,
-    dimmed) [think] block before the answer."""
+    """Writes a reply as it streams. A reasoning model's reply is rendered from the ReplyRouter's pieces: the think
+    part in a labelled (and, on a terminal, dimmed) [think] block before the [answer]; other replies are written
+    exactly as they come."""
 
     def __init__(self, out: TextIO, reasoning: bool):
         self.out = out
-        self.router = ReasoningStream() if reasoning else None
+        self.router = ReplyRouter(reasoning=True) if reasoning else None
         self.dim, self.reset = ("\033[2m", "\033[0m") if out.isatty() else ("", "")
         self.section: str | None = None  # "think" or "answer" while a reasoning reply streams
         self.at_line_start = False  # the reply starts after the "🤖: " label
 
     def write(self, delta: str) -> None:
-        if self.router is None:
-            self._write(delta)
-        else:
-            for kind, text in self.router.feed(delta):
-                self._write_piece(kind, text)
+        for kind, text in self.router.feed(delta) if self.router else [("answer", delta)]:
+            self._write_piece(kind, text)
         self.out.flush()
 
     def close(self) -> None:
         """End the reply: finish a pending think block and the line."""
-        if self.router is not None:
-            for kind, text in self.router.close():
-                self._write_piece(kind, text)
-            if self.section == "think":
-                self.out.write(self.reset)
+        for kind, text in self.router.close() if self.router else []:
+            self._write_piece(kind, text)
+        if self.section == "think":
+            self.out.write(self.reset)
         if not self.at_line_start:
             self.out.write("\n")
         self.out.flush()
 
-    def _write(self, text: str) -> None:
-        if text:
-            self.out.write(text)
-            self.at_line_start = text.endswith("\n")
-
     def _write_piece(self, kind: str, text: str) -> None:
-        if kind != self.section:
-            text = text.lstrip("\n")  # newlines around the tags are layout
-            if not text:
-                return
+        if self.router is not None and self.router.has_think and kind != self.section:
             if kind == "think":
                 self.out.write(f"{self.dim}[think]\n")
             elif self.section == "think":
                 self.out.write(self.reset + ("" if self.at_line_start else "\n") + "[answer]\n")
             self.section = kind
-        self._write(text)
+        if text:
+            self.out.write(text)
+            self.at_line_start = text.endswith("\n")
 
 
 def answer(model: MiniMindLM, tokenizer: PreTrainedTokenizerBase, prompt: str, history: list[dict],
@@ -216,6 +205,6 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
 
 if __name__ == "__main__":
     try:
-        main()
+        exit_on_input_error(main)
     except KeyboardInterrupt:
         print()

@@ -25,10 +25,12 @@ from transformers import PreTrainedTokenizerBase
 
 from model.checkpoint import weights_path
 from model.cli import (
-    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, training_parser,
+    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, train_settings,
+    training_parser,
 )
+from model.common import ConfigError
 from model.dataset import PadCollator, SFTDataset
-from model.trainer import Trainer, masked_cross_entropy
+from model.trainer import Trainer, masked_cross_entropy, with_moe_aux_loss
 
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -39,7 +41,7 @@ def tag_token_ids(tokenizer: PreTrainedTokenizerBase, tokenizer_path: str) -> li
     for tag in REASONING_TAGS:
         encoded = tokenizer.encode(tag, add_special_tokens=False)
         if len(encoded) != 1:
-            raise ValueError(f"{tokenizer_path}: the reasoning tag {tag!r} is not a single token (it encodes to "
+            raise ConfigError(f"{tokenizer_path}: the reasoning tag {tag!r} is not a single token (it encodes to "
                              f"{encoded}); use a tokenizer that has {', '.join(REASONING_TAGS)} as tokens")
         ids.extend(encoded)
     return ids
@@ -101,13 +103,11 @@ def main(argv: list[str] | None = None) -> Trainer:
         """The tag-weighted reply loss plus the MoE balancing loss (0 for dense models)."""
         inputs, labels, loss_mask = batch  # (B, T) each
         out = model(inputs)
-        loss = tag_weighted_loss(out.logits, labels, loss_mask, tag_ids, args.tag_weight)
-        metrics = {"aux_loss": out.aux_loss.detach()} if out.aux_loss.requires_grad else {}
-        return loss + out.aux_loss, metrics
+        return with_moe_aux_loss(tag_weighted_loss(out.logits, labels, loss_mask, tag_ids, args.tag_weight), out)
 
     # Loop and save
     trainer = Trainer(
-        args, ctx, model, dataset, PadCollator(tokenizer.pad_token_id), reasoning_loss,
+        train_settings(args), ctx, model, dataset, PadCollator(tokenizer.pad_token_id), reasoning_loss,
         weights_file=weights_path(args.out_dir, "reason", config),
     )
     trainer.fit()

@@ -30,15 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.checkpoint import MissingInputError, load_weights, resolve_from_weight, weights_path
+from model.checkpoint import load_weights, resolve_from_weight, weights_path
+from model.common import MissingInputError
 from model.cli import (
     init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, str2bool,
-    training_parser,
+    train_settings, training_parser,
 )
 from model.dataset import PadCollator, SFTDataset
 from model.LMConfig import LMConfig
 from model.model import MiniMindLM
-from model.trainer import LossFn, Trainer, masked_cross_entropy
+from model.trainer import LossFn, Trainer, masked_cross_entropy, with_moe_aux_loss
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mask: torch.Tensor,
@@ -96,10 +97,7 @@ def make_distillation_loss(teacher: nn.Module, alpha: float, temperature: float)
             teacher_logits = teacher(inputs).logits  # (B, T, V)
         out = model(inputs)
         loss, ce, kl = distillation_loss(out.logits, teacher_logits, labels, loss_mask, alpha, temperature)
-        metrics = {"ce": ce.detach(), "kl": kl.detach()}
-        if out.aux_loss.requires_grad:  # MoE student in training mode: keep its experts balanced
-            metrics["aux_loss"] = out.aux_loss.detach()
-        return loss + out.aux_loss, metrics
+        return with_moe_aux_loss(loss, out, {"ce": ce.detach(), "kl": kl.detach()})
 
     return distillation_step
 
@@ -187,7 +185,7 @@ def main(argv: list[str] | None = None) -> Trainer:
 
     # Loop and save
     trainer = Trainer(
-        args, ctx, model, dataset, PadCollator(tokenizer.pad_token_id),
+        train_settings(args), ctx, model, dataset, PadCollator(tokenizer.pad_token_id),
         make_distillation_loss(teacher, args.alpha, args.temperature),
         weights_file=weights_path(args.out_dir, "full_dist", config),
         frozen_models=[teacher],

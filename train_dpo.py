@@ -35,10 +35,10 @@ from torch import nn
 from model.checkpoint import weights_path
 from model.cli import (
     init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, str2bool,
-    training_parser,
+    train_settings, training_parser,
 )
 from model.dataset import DPOCollator, DPODataset
-from model.trainer import LossFn, Trainer, sequence_log_probs
+from model.trainer import LossFn, Trainer, sequence_log_probs, with_moe_aux_loss
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
@@ -75,9 +75,7 @@ def make_dpo_loss(reference: nn.Module, beta: float, length_normalize: bool = Fa
             "reward_acc": (chosen_rewards > rejected_rewards).float().mean(),
             "reward_margin": (chosen_rewards - rejected_rewards).mean(),
         }
-        if out.aux_loss.requires_grad:  # MoE in training mode: keep the experts balanced as in every stage
-            metrics["aux_loss"] = out.aux_loss.detach()
-        return losses.mean() + out.aux_loss, metrics
+        return with_moe_aux_loss(losses.mean(), out, metrics)
 
     return dpo_step
 
@@ -124,7 +122,7 @@ def main(argv: list[str] | None = None) -> Trainer:
 
     # Loop and save
     trainer = Trainer(
-        args, ctx, model, dataset, DPOCollator(tokenizer.pad_token_id),
+        train_settings(args), ctx, model, dataset, DPOCollator(tokenizer.pad_token_id),
         make_dpo_loss(reference, args.beta, args.length_normalize),
         weights_file=weights_path(args.out_dir, "rlhf", config),
         frozen_models=[reference],

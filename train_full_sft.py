@@ -14,7 +14,8 @@ Run (from the repository root, data in ./dataset/sft_mini_512.jsonl):
 
 from model.checkpoint import weights_path
 from model.cli import (
-    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, training_parser,
+    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, train_settings,
+    training_parser,
 )
 from model.dataset import PadCollator, SFTDataset
 from model.trainer import Trainer, causal_lm_loss
@@ -51,7 +52,7 @@ def main() -> None:
 
     # Loop and save
     trainer = Trainer(
-        args, ctx, model, dataset, PadCollator(tokenizer.pad_token_id), causal_lm_loss,
+        train_settings(args), ctx, model, dataset, PadCollator(tokenizer.pad_token_id), causal_lm_loss,
         weights_file=weights_path(args.out_dir, "full_sft", config),
     )
     trainer.fit()

@@ -26,15 +26,12 @@ Merge the adapter into a standalone weights file, a plain state dict any MiniMin
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-
 from model.cli import (
-    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, training_parser,
+    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, train_settings,
+    training_parser,
 )
 from model.dataset import PadCollator, SFTDataset
-from model.inference import lora_path
-from model.model_lora import DEFAULT_TARGETS, apply_lora, lora_state_dict, parse_targets
+from model.model_lora import DEFAULT_TARGETS, apply_lora, lora_path, lora_state_dict, parse_targets
 from model.trainer import Trainer, causal_lm_loss
 
 
@@ -91,8 +88,8 @@ def main(argv: list[str] | None = None) -> Trainer:
 
     # Loop and save: the SFT loss; the weights file holds the adapter weights only
     trainer = Trainer(
-        args, ctx, model, dataset, PadCollator(tokenizer.pad_token_id), causal_lm_loss,
-        weights_file=Path(lora_path(args, config.dim)),
+        train_settings(args), ctx, model, dataset, PadCollator(tokenizer.pad_token_id), causal_lm_loss,
+        weights_file=lora_path(args.out_dir, args.lora_name, config.dim),
         export_state_dict=lora_state_dict,
     )
     trainer.fit()

@@ -10,6 +10,8 @@ import math
 
 from transformers import PretrainedConfig
 
+from .common import ConfigError
+
 ROPE_SCALING_TYPES = ("linear", "ntk", "yarn")
 
 
@@ -72,26 +74,26 @@ class LMConfig(PretrainedConfig):
     def validate(self) -> None:
         """Fail early, naming the field, instead of deep inside a matmul."""
         if self.dim % self.n_heads:
-            raise ValueError(f"LMConfig: dim={self.dim} must be divisible by n_heads={self.n_heads}")
+            raise ConfigError(f"LMConfig: dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"LMConfig: n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+            raise ConfigError(f"LMConfig: n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"LMConfig: head_dim={self.dim // self.n_heads} must be even for rotary embeddings")
+            raise ConfigError(f"LMConfig: head_dim={self.dim // self.n_heads} must be even for rotary embeddings")
         if self.use_moe:
             if self.scoring_func != "softmax":
-                raise ValueError(f"LMConfig: scoring_func={self.scoring_func!r} is not supported (only 'softmax')")
+                raise ConfigError(f"LMConfig: scoring_func={self.scoring_func!r} is not supported (only 'softmax')")
             if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
-                raise ValueError(
+                raise ConfigError(
                     f"LMConfig: num_experts_per_tok={self.num_experts_per_tok} must be in 1..n_routed_experts={self.n_routed_experts}"
                 )
         scaling = self.inference_rope_scaling
         if scaling is not None:
             if scaling.get("type") not in ROPE_SCALING_TYPES:
-                raise ValueError(
+                raise ConfigError(
                     f"LMConfig: inference_rope_scaling.type={scaling.get('type')!r} must be one of {ROPE_SCALING_TYPES}"
                 )
             if float(scaling.get("factor", 1.0)) < 1.0:
-                raise ValueError(f"LMConfig: inference_rope_scaling.factor must be >= 1, got {scaling.get('factor')}")
+                raise ConfigError(f"LMConfig: inference_rope_scaling.factor must be >= 1, got {scaling.get('factor')}")
 
 
 # The published MiniMind2 sizes; the comments give the exact unique-parameter counts (embedding tied to output).

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import random
 import secrets
-import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -21,24 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .common import STAGE_SCRIPTS, WeightsMismatchError, read_checkpoint, require_file
 from .LMConfig import LMConfig
 
-# Test hook: seconds to pause after the first bytes of a checkpoint are written, so a test can SIGKILL the
-# process in the middle of a write. Unset in normal use.
-WRITE_PAUSE_ENV = "MINIMIND_CHECKPOINT_WRITE_PAUSE"
 TEMP_PREFIX = ".tmp-"
-
-
-class MissingInputError(FileNotFoundError):
-    """A data file, tokenizer or weights file the stage needs is absent; the message says how to get it."""
-
-
-def require_file(path: str | os.PathLike, how_to_get: str) -> Path:
-    """The path, if it exists; else MissingInputError saying what is missing and how to get it."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError(f"{path} not found: {how_to_get}")
-    return path
 
 
 def weights_path(out_dir: str | os.PathLike, stage: str, config: LMConfig) -> Path:
@@ -50,16 +35,6 @@ def resume_path(weights_file: str | os.PathLike) -> Path:
     """The resume file beside a weights file: `pretrain_512.pth` -> `pretrain_512_resume.pth`."""
     weights_file = Path(weights_file)
     return weights_file.with_name(f"{weights_file.stem}_resume.pth")
-
-
-# The stage script that writes each weights-file prefix, for "run X first" messages.
-STAGE_SCRIPTS = {
-    "pretrain": "train_pretrain.py",
-    "full_sft": "train_full_sft.py",
-    "rlhf": "train_dpo.py",
-    "reason": "train_distill_reason.py",
-    "full_dist": "train_distillation.py",
-}
 
 
 def resolve_from_weight(spec: str, out_dir: str | os.PathLike, config: LMConfig) -> Path | None:
@@ -74,25 +49,6 @@ def resolve_from_weight(spec: str, out_dir: str | os.PathLike, config: LMConfig)
         f"run {STAGE_SCRIPTS.get(spec, f'train_{spec}.py')} first with the same --dim/--n_layers/--use_moe and --out_dir, "
         f"or pass --from_weight PATH to another weights file",
     )
-
-
-class _PausingWriter:
-    """File wrapper for the crash test: sleeps once, right after the first write reaches the disk."""
-
-    def __init__(self, file, pause_seconds: float):
-        self.file, self.pause_seconds, self.paused = file, pause_seconds, False
-
-    def write(self, data) -> int:
-        written = self.file.write(data)
-        if not self.paused:
-            self.paused = True
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            time.sleep(self.pause_seconds)
-        return written
-
-    def flush(self) -> None:
-        self.file.flush()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
@@ -121,8 +77,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
     """torch.save, atomically (see atomic_write)."""
-    pause = float(os.environ.get(WRITE_PAUSE_ENV, "0") or 0)
-    atomic_write(path, lambda file: torch.save(obj, _PausingWriter(file, pause) if pause > 0 else file))
+    atomic_write(path, lambda file: torch.save(obj, file))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -144,24 +99,35 @@ def cast_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> 
     return {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu() for k, v in state_dict.items()}
 
 
-def load_state_dict_file(path: str | os.PathLike, what_to_run: str) -> dict[str, torch.Tensor]:
-    """Read a weights file, failing with a message that says how to produce it when it is missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"weights file {path} not found: {what_to_run}")
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{path} does not hold a state dict (found {type(state_dict).__name__})")
-    return state_dict
+def describe_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str | None:
+    """What keeps `state_dict` from loading into `model` with strict=True, in one line (None if it fits)."""
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in state_dict]
+    unexpected = [name for name in state_dict if name not in expected]
+    reshaped = [f"{name} is {tuple(state_dict[name].shape)} in the file but {tuple(tensor.shape)} in the model"
+                for name, tensor in expected.items() if name in state_dict and state_dict[name].shape != tensor.shape]
+    problems = []
+    for what, names in (("missing", missing), ("unexpected", unexpected)):
+        if names:
+            problems.append(f"{len(names)} {what} key(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    if reshaped:
+        problems.append(f"{len(reshaped)} shape mismatch(es) ({'; '.join(reshaped[:2])}{'; ...' if len(reshaped) > 2 else ''})")
+    return "; ".join(problems) or None
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, what_to_run: str) -> None:
-    """Load a full weights file into model with strict key checking (any missing/unexpected key is an error)."""
-    state_dict = load_state_dict_file(path, what_to_run)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        raise RuntimeError(f"{path} does not match the model built from the flags (--dim/--n_layers/--use_moe ...): {error}") from None
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | os.PathLike, flags_hint: str) -> None:
+    """model.load_state_dict(state_dict, strict=True), or a one-line WeightsMismatchError naming `source`, what
+    differs and the flags that describe the model (`flags_hint`)."""
+    mismatch = describe_mismatch(model, state_dict)
+    if mismatch is not None:
+        raise WeightsMismatchError(f"{source} does not fit the model built from the flags ({flags_hint}): {mismatch}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, how_to_get: str,
+                 flags_hint: str = "--dim/--n_layers/--use_moe ...") -> None:
+    """Read a full weights file and load it into model with strict key and shape checking."""
+    load_into(model, read_checkpoint(path, how_to_get), path, flags_hint)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,20 +140,18 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: Path) -> None:
-    """Restore exactly the trainable parameters; any mismatch with the current model is an error."""
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = trainable - state_dict.keys(), state_dict.keys() - trainable
-    if missing or unexpected:
-        raise RuntimeError(
-            f"{source} was written for different trainable parameters: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]} (were the model flags changed since the run that wrote it?)"
-        )
-    params = dict(model.named_parameters())
+    """Restore exactly the trainable parameters; any mismatch with the current model is a WeightsMismatchError."""
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = trainable.keys() - state_dict.keys(), state_dict.keys() - trainable.keys()
+    reshaped = [name for name in trainable.keys() & state_dict.keys() if trainable[name].shape != state_dict[name].shape]
+    if missing or unexpected or reshaped:
+        raise WeightsMismatchError(
+            f"{source} was written for other trainable parameters (missing {sorted(missing)[:3]}, unexpected "
+            f"{sorted(unexpected)[:3]}, other shapes {sorted(reshaped)[:3]}): resume with the model flags of the run "
+            f"that wrote it")
     with torch.no_grad():
         for name, value in state_dict.items():
-            if params[name].shape != value.shape:
-                raise RuntimeError(f"{source}: {name} has shape {tuple(value.shape)}, model has {tuple(params[name].shape)}")
-            params[name].copy_(value)
+            trainable[name].copy_(value)
 
 
 def capture_rng_state(device: torch.device) -> dict:

@@ -7,20 +7,21 @@ flags (e.g. `--beta` for DPO) with `parser.add_argument_group`, and parses. Bool
 from __future__ import annotations
 
 import argparse
-import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .checkpoint import MissingInputError, load_weights, require_file, resolve_from_weight, seed_everything
+from .checkpoint import load_weights, resolve_from_weight, seed_everything
+from .common import DTYPES, exit_on_input_error, require_file
 from .distributed import DistContext, cleanup_distributed, init_distributed, uses_deepspeed
 from .LMConfig import LMConfig
 from .model import MiniMindLM
+from .trainer import TrainSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO_ROOT / "model" / "minimind_tokenizer"
-DTYPES = ("bfloat16", "float16", "float32")
 
 
 def str2bool(value: str | bool) -> bool:
@@ -82,7 +83,7 @@ def training_parser(
     # Runtime
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
-    group.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="autocast dtype (float16 adds a GradScaler)")
+    group.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="autocast dtype (float16 adds a GradScaler)")
     group.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
     group.add_argument("--seed", type=int, default=1337, help="base seed; rank r seeds its RNGs with seed + r")
 
@@ -116,7 +117,7 @@ def training_parser(
     group = parser.add_argument_group("horizon and checkpoints")
     group.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps in total (0: run all epochs)")
     group.add_argument("--save_interval", type=int, default=save_interval, help="optimizer steps between checkpoints")
-    group.add_argument("--save_dtype", choices=DTYPES, default="float32", help="dtype of the weights file (the resume file is always exact)")
+    group.add_argument("--save_dtype", choices=list(DTYPES), default="float32", help="dtype of the weights file (the resume file is always exact)")
     group.add_argument("--resume", type=str2bool, default=False, help="continue from the resume file beside the weights (1/0)")
 
     # Distributed
@@ -125,6 +126,13 @@ def training_parser(
     group.add_argument("--zero_stage", type=int, choices=(0, 1, 2), default=None, help="use DeepSpeed with this ZeRO stage")
     group.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return parser
+
+
+def train_settings(args: argparse.Namespace) -> TrainSettings:
+    """The Trainer's settings from the parsed flags (fields and flags share their names); every flag is kept in
+    `flags` for the resume file and wandb."""
+    names = {f.name for f in fields(TrainSettings)} - {"flags"}
+    return TrainSettings(**{name: getattr(args, name) for name in names}, flags=dict(vars(args)))
 
 
 def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,7 +164,8 @@ def require_data(args: argparse.Namespace, dataset_file: str) -> Path:
 
 
 def load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(require_file(args.tokenizer_path, "pass --tokenizer_path to a tokenizer folder"))
+    return AutoTokenizer.from_pretrained(require_file(args.tokenizer_path, "pass --tokenizer_path to a tokenizer folder",
+                                                      "tokenizer folder"))
 
 
 def model_from_args(args: argparse.Namespace, vocab_size: int) -> tuple[MiniMindLM, str]:
@@ -183,13 +192,12 @@ def init_run(args: argparse.Namespace) -> DistContext:
     return ctx
 
 
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(): a missing input file ends the process with one clear line instead of a traceback;
-    the process group is torn down in every case."""
+def run_stage(main: Callable[[], object]) -> None:
+    """Run a stage's main(): a user error (model.common.InputError) ends the process with one line and exit code
+    2 instead of a traceback; the process group is torn down in every case."""
+    finished = False
     try:
-        main()
-    except MissingInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_on_input_error(main)
+        finished = True
     finally:
-        cleanup_distributed()
+        cleanup_distributed(finished)

@@ -24,6 +24,8 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from .common import ConfigError, DataFormatError, require_file
+
 CHAT_ROLES = ("system", "user", "assistant")
 INDEX_CHUNK_BYTES = 16 * 1024 * 1024
 _WHITESPACE_BYTES = np.zeros(256, dtype=bool)
@@ -95,16 +97,6 @@ def validate_preference_record(record: Any) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Lazy jsonl access
 
-def require_data_file(path: str | Path) -> Path:
-    """The path as a Path, or FileNotFoundError telling the user where training data is expected."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"data file not found: {path}. Put the MiniMind jsonl files in ./dataset/ "
-            f"(e.g. dataset/pretrain_hq.jsonl, dataset/sft_mini_512.jsonl) or pass --data_path PATH")
-    return path
-
-
 def index_jsonl_lines(path: str | Path, chunk_bytes: int = INDEX_CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Byte offsets and 1-based line numbers (int64 arrays) of the lines holding anything but whitespace.
 
@@ -148,13 +140,14 @@ def index_jsonl_lines(path: str | Path, chunk_bytes: int = INDEX_CHUNK_BYTES) ->
 class JsonlRecords:
     """Random access to the parsed, validated records of a jsonl file, without holding its content in memory.
 
-    `records[i]` reads and parses the i-th non-empty line. A malformed line raises ValueError naming the file, the
-    1-based line number and the field. With `skip_invalid=True` every line is validated once here and the invalid
+    `records[i]` reads and parses the i-th non-empty line. A malformed line raises DataFormatError (a ValueError)
+    naming the file, the 1-based line number and the field. With `skip_invalid=True` every line is validated once here and the invalid
     ones are dropped; their number is `skipped` and a warning names the file and the first bad line.
     """
 
     def __init__(self, path: str | Path, validate: Validator, skip_invalid: bool = False):
-        self.path = require_data_file(path)
+        self.path = require_file(path, "put the jsonl files in ./dataset/ (e.g. dataset/pretrain_hq.jsonl, "
+                                        "dataset/sft_mini_512.jsonl) or pass --data_path PATH", "data file")
         self.validate = validate
         self.offsets, self.line_numbers = index_jsonl_lines(self.path)
         self._handle = None
@@ -198,11 +191,11 @@ class JsonlRecords:
         try:
             record = json.loads(self._read_line(index))  # bytes: json detects UTF-8 and tolerates a BOM
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{where}: invalid JSON ({error})") from error
+            raise DataFormatError(f"{where}: invalid JSON ({error})") from error
         try:
             self.validate(record)
         except ValueError as error:
-            raise ValueError(f"{where}: {error}") from error
+            raise DataFormatError(f"{where}: {error}") from error
         return record
 
     def close(self) -> None:
@@ -258,7 +251,7 @@ def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
         through_reply = _render(tokenizer, messages[: turn + 1], add_generation_prompt=False)
         if not (full_text.startswith(prompt_text) and full_text.startswith(through_reply)
                 and cursor <= len(prompt_text) <= len(through_reply)):
-            raise ValueError(f"the tokenizer's chat template is not prefix-stable at turn {turn}: rendering the "
+            raise ConfigError(f"the tokenizer's chat template is not prefix-stable at turn {turn}: rendering the "
                              f"first turns does not give a prefix of the full conversation, so reply spans "
                              f"cannot be located")
         reply = full_text[len(prompt_text):len(through_reply)].rstrip()
@@ -291,7 +284,7 @@ class JsonlDataset(Dataset):
     def __init__(self, data_path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int = 512,
                  skip_invalid: bool = False):
         if max_length < 2:
-            raise ValueError(f"max_length must be at least 2 (one input and one label), got {max_length}")
+            raise ConfigError(f"max_length must be at least 2 (one input and one label), got {max_length}")
         self.records = JsonlRecords(data_path, type(self).validate, skip_invalid)
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -307,7 +300,7 @@ class JsonlDataset(Dataset):
 def text_item(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> Triple:
     """[bos] + text + [eos], truncated to max_length, every label counted."""
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError("plain-text samples need a tokenizer with bos_token and eos_token set")
+        raise ConfigError("plain-text samples need a tokenizer with bos_token and eos_token set")
     ids = [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
     return shift_for_next_token(ids[:max_length], [1] * min(len(ids), max_length))
 
@@ -320,7 +313,7 @@ class PretrainDataset(JsonlDataset):
     def __init__(self, data_path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int = 512,
                  skip_invalid: bool = False):
         if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-            raise ValueError("PretrainDataset needs a tokenizer with bos_token and eos_token set")
+            raise ConfigError("PretrainDataset needs a tokenizer with bos_token and eos_token set")
         super().__init__(data_path, tokenizer, max_length, skip_invalid)
 
     def __getitem__(self, index: int) -> Triple:

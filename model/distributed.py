@@ -12,12 +12,16 @@ import json
 import os
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import require_file
+from .common import ConfigError, require_file
+
+if TYPE_CHECKING:
+    from .trainer import TrainSettings
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,11 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"--device {name}: MPS is not available on this machine (use --device cpu or auto)")
+        raise ConfigError(f"--device {name}: MPS is not available on this machine (use --device cpu or auto)")
     return device
 
 
@@ -86,8 +90,12 @@ def init_distributed(device_name: str = "auto", use_deepspeed: bool = False) -> 
     return DistContext(rank=rank, local_rank=local_rank, world_size=dist.get_world_size(), device=device)
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(finished: bool = False) -> None:
+    """Leave the process group. After a run that `finished` on every rank, wait for all ranks first, so none
+    tears down its connections while another still uses them (a crash at exit otherwise, now and then)."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -150,29 +158,30 @@ def uses_deepspeed(args: argparse.Namespace) -> bool:
     return args.deepspeed is not None or args.zero_stage is not None
 
 
-def deepspeed_config(args: argparse.Namespace, world_size: int) -> dict:
+def deepspeed_config(args: argparse.Namespace | TrainSettings, world_size: int) -> dict:
     """The DeepSpeed config: --deepspeed FILE (its "auto" values filled from the flags) or --zero_stage N.
 
     The flags stay the single source of truth for batch size, accumulation, clipping and precision, because the
     data order depends on them; a config file that sets one of them to a different value is an error. The
     trainer supplies AdamW and the LR schedule, so the config must not define an optimizer or scheduler."""
     if args.deepspeed is not None:
-        path = require_file(args.deepspeed, "pass a DeepSpeed JSON config such as the ds_config.json in the repository")
+        path = require_file(args.deepspeed, "pass a DeepSpeed JSON config such as the ds_config.json in the repository",
+                            "DeepSpeed config")
         try:
             config = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
+            raise ConfigError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
     else:
         config = {}
     source = args.deepspeed or "--zero_stage"
     for section in ("optimizer", "scheduler"):
         if section in config:
-            raise ValueError(f"{source}: remove the '{section}' section; the trainer provides AdamW and the LR schedule")
+            raise ConfigError(f"{source}: remove the '{section}' section; the trainer provides AdamW and the LR schedule")
     if args.zero_stage is not None:
         config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
     stage = config.setdefault("zero_optimization", {}).setdefault("stage", 0)
     if stage not in (0, 1, 2):
-        raise ValueError(f"{source}: zero_optimization.stage={stage} is not supported (use 0, 1 or 2)")
+        raise ConfigError(f"{source}: zero_optimization.stage={stage} is not supported (use 0, 1 or 2)")
 
     def fill(keys: tuple[str, ...], value) -> None:
         node = config
@@ -182,7 +191,7 @@ def deepspeed_config(args: argparse.Namespace, world_size: int) -> dict:
         if current == "auto":
             node[keys[-1]] = value
         elif current != value:
-            raise ValueError(f"{source}: {'.'.join(keys)}={current!r} contradicts the command-line flags ({value!r}); set it to \"auto\"")
+            raise ConfigError(f"{source}: {'.'.join(keys)}={current!r} contradicts the command-line flags ({value!r}); set it to \"auto\"")
 
     fill(("train_micro_batch_size_per_gpu",), args.batch_size)
     fill(("gradient_accumulation_steps",), args.accumulation_steps)

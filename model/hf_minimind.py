@@ -6,10 +6,10 @@ llama.cpp's converter, lm-eval) load without remote code. Two layout differences
   * rotary layout: we rotate interleaved pairs (2i, 2i+1) of each head, HF Llama rotates halves (i, i + hd/2).
     Reordering the rows of wq and wk per head (even rows first, then odd rows) turns one into the other; q.k
     dot products are unchanged because q and k get the same reordering.
-Mixture-of-experts models have no Llama equivalent: they export with this file, model.py and LMConfig.py copied
-into the folder (`auto_map` in config.json), loadable with `trust_remote_code=True` and no network.
+Mixture-of-experts models have no Llama equivalent: they export with this file, model.py, LMConfig.py and
+common.py copied into the folder (`auto_map` in config.json), loadable with `trust_remote_code=True` and no network.
 
-This file is itself that remote code, so it imports only installed packages and its two sibling modules.
+This file is itself that remote code, so it imports only installed packages and those three sibling modules.
 """
 from __future__ import annotations
 
@@ -24,13 +24,14 @@ from transformers import GenerationConfig, GenerationMixin, LlamaConfig, PreTrai
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .common import ConfigError, MissingInputError, WeightsMismatchError, read_checkpoint
 from .LMConfig import LMConfig
 from .model import MiniMindLM
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 TORCH_WEIGHTS_NAME = "pytorch_model.bin"
-REMOTE_CODE_FILES = ("hf_minimind.py", "model.py", "LMConfig.py")  # what a MoE export ships beside its weights
+REMOTE_CODE_FILES = ("hf_minimind.py", "model.py", "LMConfig.py", "common.py")  # what a MoE export ships beside its weights
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def native_to_llama_state_dict(state: dict[str, torch.Tensor], config: LMConfig)
     """HF Llama tensors for a dense MiniMind state dict. The tied output matrix is written once (as the
     embedding); tie_word_embeddings=True tells loaders to reuse it for lm_head."""
     if config.use_moe:
-        raise ValueError("a MoE model has no LlamaForCausalLM equivalent; export it with save_hf_folder (remote code)")
+        raise ConfigError("a MoE model has no LlamaForCausalLM equivalent; export it with save_hf_folder (remote code)")
     check_state_matches(state, config, "state dict")
     out = {hf: state[ours] for ours, hf in GLOBAL_NAMES.items()}
     for i in range(config.n_layers):
@@ -93,7 +94,7 @@ def llama_to_native_state_dict(state: dict[str, torch.Tensor], config: LMConfig,
         for ours, hf in LAYER_NAMES.items():
             name = f"model.layers.{i}.{hf}"
             if name not in state:
-                raise ValueError(f"{source}: weight {name} is missing")
+                raise WeightsMismatchError(f"{source}: weight {name} is missing")
             tensor = state[name]
             if ours == "attention.wq.weight":
                 tensor = halves_to_interleaved(tensor, config.n_heads)
@@ -101,15 +102,15 @@ def llama_to_native_state_dict(state: dict[str, torch.Tensor], config: LMConfig,
                 tensor = halves_to_interleaved(tensor, config.n_kv_heads)
             out[f"layers.{i}.{ours}"] = tensor.contiguous()
     if "tok_embeddings.weight" not in out:
-        raise ValueError(f"{source}: weight model.embed_tokens.weight is missing")
+        raise WeightsMismatchError(f"{source}: weight model.embed_tokens.weight is missing")
     lm_head = state.get("lm_head.weight")
     if lm_head is not None and not torch.equal(lm_head, out["tok_embeddings.weight"]):
-        raise ValueError(f"{source}: lm_head.weight differs from model.embed_tokens.weight; MiniMind ties them")
+        raise WeightsMismatchError(f"{source}: lm_head.weight differs from model.embed_tokens.weight; MiniMind ties them")
     out["output.weight"] = out["tok_embeddings.weight"]
     known = {f"model.layers.{i}.{hf}" for i in range(config.n_layers) for hf in LAYER_NAMES.values()}
     unexpected = set(state) - known - set(GLOBAL_NAMES.values()) - {"lm_head.weight"}
     if unexpected:
-        raise ValueError(f"{source}: unexpected weights {sorted(unexpected)[:4]} (not a MiniMind-shaped Llama)")
+        raise WeightsMismatchError(f"{source}: unexpected weights {sorted(unexpected)[:4]} (not a MiniMind-shaped Llama)")
     check_state_matches(out, config, source)
     return out
 
@@ -120,11 +121,11 @@ def check_state_matches(state: dict[str, torch.Tensor], config: LMConfig, source
         expected = {k: v.shape for k, v in MiniMindLM(config).state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source} does not match the model config (use_moe={config.use_moe}, n_layers="
+        raise WeightsMismatchError(f"{source} does not match the model config (use_moe={config.use_moe}, n_layers="
                          f"{config.n_layers}): missing {missing[:4]}, unexpected {unexpected[:4]}")
     for key, shape in expected.items():
         if state[key].shape != shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, the config (dim={config.dim}, "
+            raise WeightsMismatchError(f"{source}: {key} has shape {tuple(state[key].shape)}, the config (dim={config.dim}, "
                              f"n_heads={config.n_heads}, n_kv_heads={config.n_kv_heads}) expects {tuple(shape)}")
 
 
@@ -162,7 +163,7 @@ def rope_settings_from_hf(cfg: dict, source: str) -> tuple[float, dict | None]:
             if params.get(key) is not None:
                 scaling[key] = params[key]
         return theta, scaling
-    raise ValueError(f"{source}: rope type {kind!r} is not supported by MiniMind (default, linear, yarn)")
+    raise ConfigError(f"{source}: rope type {kind!r} is not supported by MiniMind (default, linear, yarn)")
 
 
 def llama_config_for(config: LMConfig, dtype: torch.dtype, bos_token_id: int, eos_token_id: int,
@@ -192,13 +193,13 @@ def llama_config_for(config: LMConfig, dtype: torch.dtype, bos_token_id: int, eo
 
 
 def lmconfig_from_llama(cfg: dict, source: str) -> LMConfig:
-    """A dense LMConfig from a Llama config.json dict; fields MiniMind cannot express raise ValueError."""
+    """A dense LMConfig from a Llama config.json dict; fields MiniMind cannot express raise ConfigError."""
     for field, allowed in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(field, allowed) != allowed:
-            raise ValueError(f"{source}: config.json {field}={cfg[field]!r} is not supported (MiniMind uses {allowed!r})")
+            raise ConfigError(f"{source}: config.json {field}={cfg[field]!r} is not supported (MiniMind uses {allowed!r})")
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     if cfg.get("head_dim") not in (None, hidden // heads):
-        raise ValueError(f"{source}: config.json head_dim={cfg['head_dim']} must equal hidden_size / num_attention_heads")
+        raise ConfigError(f"{source}: config.json head_dim={cfg['head_dim']} must equal hidden_size / num_attention_heads")
     rope_theta, scaling = rope_settings_from_hf(cfg, source)
     return LMConfig(
         dim=hidden, n_layers=cfg["num_hidden_layers"], n_heads=heads,
@@ -300,7 +301,7 @@ def save_hf_folder(state: dict[str, torch.Tensor], config: LMConfig, hf_path: st
     check_state_matches(state, config, source)
     os.makedirs(hf_path, exist_ok=True)
     if not torch.equal(state["output.weight"], state["tok_embeddings.weight"]):
-        raise ValueError(f"{source}: output.weight differs from tok_embeddings.weight; MiniMind ties them")
+        raise WeightsMismatchError(f"{source}: output.weight differs from tok_embeddings.weight; MiniMind ties them")
     state = {k: v.detach().to("cpu", dtype=dtype or v.dtype) for k, v in state.items()}
     dtype = state["tok_embeddings.weight"].dtype
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -345,8 +346,8 @@ def read_hf_weights(hf_path: str) -> dict[str, torch.Tensor]:
         return state
     legacy = os.path.join(hf_path, TORCH_WEIGHTS_NAME)
     if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no weights in {hf_path}: expected {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or {TORCH_WEIGHTS_NAME}")
+        return read_checkpoint(legacy, f"re-export {hf_path} with scripts/convert_model.py torch2hf")
+    raise MissingInputError(f"no weights in {hf_path}: expected {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or {TORCH_WEIGHTS_NAME}")
 
 
 def load_hf_folder(hf_path: str) -> tuple[LMConfig, dict[str, torch.Tensor]]:
@@ -354,10 +355,13 @@ def load_hf_folder(hf_path: str) -> tuple[LMConfig, dict[str, torch.Tensor]]:
     shape). The state dict loads into MiniMindLM(config) with strict=True."""
     config_path = os.path.join(hf_path, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} not found: export a model with "
+        raise MissingInputError(f"{config_path} not found: export a model with "
                                 "`python scripts/convert_model.py torch2hf --weight out/full_sft_512.pth --hf_path DIR`")
-    with open(config_path, encoding="utf-8") as f:
-        cfg = json.load(f)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{config_path}: invalid JSON at line {error.lineno}: {error.msg}") from None
     model_type = cfg.get("model_type")
     weights = read_hf_weights(hf_path)
     if model_type == "llama":
@@ -371,4 +375,4 @@ def load_hf_folder(hf_path: str) -> tuple[LMConfig, dict[str, torch.Tensor]]:
             state.setdefault("output.weight", state["tok_embeddings.weight"])
         check_state_matches(state, config, hf_path)
         return config, state
-    raise ValueError(f"{config_path}: model_type {model_type!r} is neither 'llama' nor {LMConfig.model_type!r}")
+    raise ConfigError(f"{config_path}: model_type {model_type!r} is neither 'llama' nor {LMConfig.model_type!r}")

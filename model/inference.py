@@ -13,25 +13,23 @@ a MiniMind MoE export, see model/hf_minimind.py) both become a plain `MiniMindLM
 from __future__ import annotations
 
 import argparse
-import os
-import re
 from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .checkpoint import STAGE_SCRIPTS, load_state_dict_file, weights_path
+from .checkpoint import load_into, weights_path
 from .cli import DEFAULT_TOKENIZER, add_architecture_args, config_from_args
+from .common import (
+    DTYPES, MODEL_MODES, STAGE_SCRIPTS, ConfigError, parse_model_mode, read_checkpoint, require_file, torch_dtype,
+)
 from .distributed import select_device
 from .hf_minimind import load_hf_folder
 from .model import MiniMindLM
-from .model_lora import attach_lora_file
+from .model_lora import attach_lora_file, lora_path
 
-MODEL_MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}  # weight file prefixes in out/
-# Which script writes each stage's weights, for the error message when a file is missing.
 PUBLISHED_WEIGHTS = "https://www.modelscope.cn/models/gongjy/MiniMind2-PyTorch/files"
-PRETRAIN_MODE = 0  # the only mode without a chat template: the model continues raw text
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -43,8 +41,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model loading")
     group.add_argument("--load", type=int, default=0, choices=(0, 1),
                        help="0: native weights out/{stage}_{dim}[_moe].pth; 1: a Hugging Face folder (--hf_path)")
-    group.add_argument("--model_mode", type=int, default=1, choices=sorted(MODEL_MODES),
-                       help="0: pretrain (text continuation), 1: full_sft, 2: rlhf (DPO), 3: reason")
+    group.add_argument("--model_mode", type=parse_model_mode, default=1,
+                       help="which stage's weights: 0 or pretrain (text continuation), 1 or full_sft, 2 or rlhf (DPO), "
+                            "3 or reason")
     group.add_argument("--out_dir", default="out", help="folder holding the native .pth weights")
     group.add_argument("--weight", default=None, help="explicit .pth file (overrides --model_mode's file name)")
     group.add_argument("--hf_path", default=None, help="Hugging Face model folder, used with --load 1")
@@ -55,13 +54,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer_path", default=None,
                        help=f"tokenizer folder (default: the HF folder with --load 1, else {DEFAULT_TOKENIZER})")
     group.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), or e.g. cpu, cuda:0")
-    group.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+    group.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                        help="auto: bfloat16 on GPUs that support it, float16 on other GPUs/MPS, float32 on CPU")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
-        return getattr(torch, name)
+        return torch_dtype(name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
@@ -81,13 +80,14 @@ def load_model(args: argparse.Namespace) -> tuple[MiniMindLM, PreTrainedTokenize
 
     --load 0 reads a native .pth (strict: every key must match the --dim/--n_layers/--use_moe architecture);
     --load 1 converts a Hugging Face folder in memory with the same code scripts/convert_model.py uses.
-    A missing file raises FileNotFoundError naming the file and how to produce it.
+    A missing file raises MissingInputError naming the file and how to produce it; weights of another shape a
+    WeightsMismatchError.
     """
     device = select_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.load == 1:
         if not args.hf_path:
-            raise ValueError("--load 1 needs --hf_path (a folder written by scripts/convert_model.py torch2hf)")
+            raise ConfigError("--load 1 needs --hf_path (a folder written by scripts/convert_model.py torch2hf)")
         source = args.hf_path
         config, state = load_hf_folder(source)
         config.max_seq_len = min(config.max_seq_len, args.max_seq_len)
@@ -95,30 +95,23 @@ def load_model(args: argparse.Namespace) -> tuple[MiniMindLM, PreTrainedTokenize
     else:
         source = native_weight_path(args)
         stage = MODEL_MODES[args.model_mode]
-        state = load_state_dict_file(source, what_to_run=(
+        state = read_checkpoint(source, (
             f"model_mode {args.model_mode} ({stage}) needs it: run {STAGE_SCRIPTS[stage]} first, pass --weight PATH, "
             f"or download published MiniMind2 weights from {PUBLISHED_WEIGHTS} into {args.out_dir}/"))
         embedding = state.get("tok_embeddings.weight")  # the vocabulary size comes from the weights
         vocab_size = embedding.shape[0] if embedding is not None else 6400
         config = config_from_args(args, vocab_size=vocab_size, max_seq_len=args.max_seq_len)
         tokenizer_path = args.tokenizer_path or str(DEFAULT_TOKENIZER)
-    if not os.path.isdir(tokenizer_path):
-        raise FileNotFoundError(f"tokenizer folder not found: {tokenizer_path} (train it with train_tokenizer.py)")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = AutoTokenizer.from_pretrained(require_file(
+        tokenizer_path, "pass --tokenizer_path to a tokenizer folder (scripts/train_tokenizer.py makes one)",
+        "tokenizer folder"))
 
     model = MiniMindLM(config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{source} does not match the model built from the flags "
-                         f"(--dim {config.dim} --n_layers {config.n_layers} --use_moe {int(config.use_moe)}): {err}") from err
+    load_into(model, state, source, f"--dim {config.dim} --n_layers {config.n_layers} --n_heads {config.n_heads} "
+                                    f"--n_kv_heads {config.n_kv_heads} --use_moe {int(config.use_moe)}")
     if args.lora_name:
-        attach_lora_file(model, lora_path(args, config.dim))
+        attach_lora_file(model, lora_path(args.out_dir, args.lora_name, config.dim))
     return model.to(device=device, dtype=dtype).eval(), tokenizer
-
-
-def lora_path(args: argparse.Namespace, dim: int) -> str:
-    return os.path.join(args.out_dir, "lora", f"{args.lora_name}_{dim}.pth")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,63 +311,86 @@ def stream_chat(
 # Reasoning replies: "<think>...</think><answer>...</answer>"
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-ANSWER_TAGS = re.compile(r"</?answer>")
+REPLY_TAGS = (THINK_OPEN, THINK_CLOSE, "<answer>", "</answer>")
+Piece = tuple[str, str]  # ("think" or "answer", text)
 
 
-def split_reasoning(text: str) -> tuple[str, str]:
-    """(think part, answer part) of a reasoning reply, tags removed and whitespace trimmed.
+class ReplyRouter:
+    """Splits a reply, as it streams, into its think part and its answer. The terminal chat, the API server and
+    the web demo all render what this produces, so they agree on every reply.
 
-    The opening <think> may be missing (a template can put it in the generation prompt); a reply cut off inside
-    the think part has an empty answer; a reply without </think> or <think> is all answer.
-    """
-    if THINK_CLOSE in text:
-        think, answer = text.split(THINK_CLOSE, 1)
-        think = think.split(THINK_OPEN, 1)[-1]
-    elif THINK_OPEN in text:
-        think, answer = text.split(THINK_OPEN, 1)[1], ""
-    else:
-        think, answer = "", text
-    return think.strip(), ANSWER_TAGS.sub("", answer).strip()
-
-
-class ReasoningStream:
-    """Routes streamed deltas of a reasoning reply to ("think", text) or ("answer", text) pieces as they come.
-
-    Tags may arrive split across deltas, so a delta ending in a possible tag prefix is held back until the next
-    one. Tags themselves are never emitted; <answer>/</answer> are dropped.
+    - `<think>` switches to the think part and `</think>` back to the answer; `<answer>` and `</answer>` are
+      dropped. A tag may arrive split across deltas, so text that could begin one is held until the next delta.
+    - A reasoning model's reply starts inside the think part, with or without the opening tag (a chat template may
+      put `<think>` in the generation prompt); any other reply starts in the answer.
+    - Once the reply has a think part (`has_think`), whitespace at both ends of each part is dropped: trailing
+      whitespace is held until more text of the same part follows, so the pieces of a whole reply join to
+      exactly `split_reasoning(reply)`. A reply without a think part passes through untouched.
     """
 
-    TAGS = (THINK_OPEN, THINK_CLOSE, "<answer>", "</answer>")
-
-    def __init__(self):
+    def __init__(self, reasoning: bool):
         self.pending = ""
-        self.in_think = False
+        self.in_think = reasoning
+        self.has_think = reasoning
+        self.started = {"think": False, "answer": False}
+        self.held_space = {"think": "", "answer": ""}
 
-    def feed(self, delta: str) -> list[tuple[str, str]]:
+    def feed(self, delta: str) -> list[Piece]:
+        """The pieces this delta completes (possibly none)."""
         self.pending += delta
-        pieces: list[tuple[str, str]] = []
+        routed: list[Piece] = []
         while True:
-            found = [(i, tag) for tag in self.TAGS if (i := self.pending.find(tag)) >= 0]
+            found = [(i, tag) for tag in REPLY_TAGS if (i := self.pending.find(tag)) >= 0]
             if not found:
                 break
             i, tag = min(found)
-            self._emit(pieces, self.pending[:i])
-            self.pending = self.pending[i + len(tag) :]
-            if tag == THINK_OPEN:
-                self.in_think = True
-            elif tag == THINK_CLOSE:
-                self.in_think = False
-        hold = _stop_holdback(self.pending, list(self.TAGS))
-        self._emit(pieces, self.pending[: len(self.pending) - hold])
-        self.pending = self.pending[len(self.pending) - hold :]
-        return pieces
+            self._route(routed, self.pending[:i])
+            self.pending = self.pending[i + len(tag):]
+            if tag in (THINK_OPEN, THINK_CLOSE):
+                self.in_think = tag == THINK_OPEN
+        hold = _stop_holdback(self.pending, list(REPLY_TAGS))
+        self._route(routed, self.pending[: len(self.pending) - hold])
+        self.pending = self.pending[len(self.pending) - hold:]
+        return self._trim(routed)
 
-    def close(self) -> list[tuple[str, str]]:
-        pieces: list[tuple[str, str]] = []
-        self._emit(pieces, self.pending)
+    def close(self) -> list[Piece]:
+        """What was held back, at the end of the reply (trailing whitespace of a reasoning reply is dropped)."""
+        routed: list[Piece] = []
+        self._route(routed, self.pending)
         self.pending = ""
+        return self._trim(routed)
+
+    def _route(self, routed: list[Piece], text: str) -> None:
+        if text:
+            routed.append(("think" if self.in_think else "answer", text))
+
+    def _trim(self, routed: list[Piece]) -> list[Piece]:
+        pieces: list[Piece] = []
+        for kind, text in routed:
+            self.has_think |= kind == "think"
+            if not self.has_think:
+                pieces.append((kind, text))
+                continue
+            if not self.started[kind]:
+                text = text.lstrip()
+                if not text:
+                    continue
+                self.started[kind] = True
+            body = text.rstrip()
+            if body:
+                pieces.append((kind, self.held_space[kind] + body))
+                self.held_space[kind] = text[len(body):]
+            else:
+                self.held_space[kind] += text
         return pieces
 
-    def _emit(self, pieces: list[tuple[str, str]], text: str) -> None:
-        if text:
-            pieces.append(("think" if self.in_think else "answer", text))
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(think part, answer part) of a whole reply, tags removed and whitespace trimmed, by the ReplyRouter.
+
+    Seeing the whole reply, it knows whether the reply began inside the think part: when a `</think>` comes
+    (after `<think>` or without it). A reply cut off inside the think part has an empty answer; a reply with no
+    think tag is all answer."""
+    router = ReplyRouter(reasoning=THINK_CLOSE in text)
+    pieces = router.feed(text) + router.close()
+    return tuple("".join(t for kind, t in pieces if kind == part).strip() for part in ("think", "answer"))

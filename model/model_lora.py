@@ -7,12 +7,15 @@ of the original MiniMind adapters; files always hold scale-1 adapters, the scale
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import atomic_save, require_file
+from .checkpoint import atomic_save
+from .common import WeightsMismatchError, read_checkpoint
 
 DEFAULT_TARGETS = ("wq", "wo")  # the square attention projections, as the original MiniMind
 ALL_LINEAR = "all"  # every nn.Linear inside the decoder blocks (wq, wk, wv, wo, w1, w2, w3)
@@ -109,25 +112,29 @@ def save_lora(model: nn.Module, path: str) -> None:
     atomic_save({k: v.detach().cpu() for k, v in lora_state_dict(model).items()}, path)
 
 
-def read_lora_file(path: str) -> dict[str, torch.Tensor]:
+def lora_path(out_dir: str | os.PathLike, lora_name: str, dim: int) -> Path:
+    """Where an adapter lives: `{out_dir}/lora/{lora_name}_{dim}.pth`."""
+    return Path(out_dir) / "lora" / f"{lora_name}_{dim}.pth"
+
+
+def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The adapter weights of a file written by save_lora (a DDP `module.` prefix is dropped)."""
-    state = torch.load(require_file(path, "train one with train_lora.py --lora_name NAME"), map_location="cpu",
-                       weights_only=True)
+    state = read_checkpoint(path, "train one with train_lora.py --lora_name NAME", "LoRA adapter")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_lora(model: nn.Module, path: str, state: dict[str, torch.Tensor] | None = None) -> None:
-    """Load an adapter file (or its already-read `state`) into adapters attached with apply_lora; the keys must
-    match exactly."""
+def load_lora(model: nn.Module, path: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load an adapter file (or its already-read `state`) into adapters attached with apply_lora; names and shapes
+    must match exactly (else WeightsMismatchError)."""
     state = read_lora_file(path) if state is None else state
     modules = {f"{name}.": m for name, m in model.named_modules() if isinstance(m, LoRA)}
-    expected = {f"{prefix}{part}.weight" for prefix in modules for part in ("A", "B")}
-    missing, unexpected = expected - set(state), set(state) - expected
-    if not modules or missing or unexpected:
-        raise ValueError(
-            f"{path} does not fit the attached adapters: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
-            " (check --lora_rank / --lora_targets / the model size)"
-        )
+    expected = {f"{prefix}{part}.weight": getattr(m, part).weight for prefix, m in modules.items() for part in ("A", "B")}
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    reshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    if not modules or missing or unexpected or reshaped:
+        raise WeightsMismatchError(
+            f"{path} does not fit the attached adapters (missing {sorted(missing)[:3]}, unexpected "
+            f"{sorted(unexpected)[:3]}, other shapes {reshaped[:3]}): check --lora_rank / --lora_targets / the model size")
     with torch.no_grad():
         for prefix, lora in modules.items():
             lora.A.weight.copy_(state[f"{prefix}A.weight"])

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import MiniMindLM, preset  # noqa: E402
 from model.distributed import select_device  # noqa: E402
-from model.trainer import autocast_context  # noqa: E402
+from model.backend import autocast_context  # noqa: E402
 
 
 def peak_memory_mb(device: torch.device) -> float:

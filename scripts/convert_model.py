@@ -29,13 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python s
 from transformers import AutoTokenizer  # noqa: E402
 
 from model.hf_minimind import load_hf_folder, save_hf_folder  # noqa: E402
-from model.checkpoint import atomic_save, load_state_dict_file  # noqa: E402
+from model.checkpoint import atomic_save, load_into  # noqa: E402
+from model.common import DTYPES, exit_on_input_error, read_checkpoint, require_file, torch_dtype  # noqa: E402
 from model.cli import DEFAULT_TOKENIZER, add_architecture_args  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
 from model.model import MiniMindLM  # noqa: E402
 from model.model_lora import attach_lora_file, merged_state_dict  # noqa: E402
 
-DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # auto keeps the checkpoint's dtype
 
 
 def torch_to_hf(weight: str, hf_path: str, *, dim: int = 512, n_layers: int = 8, n_heads: int = 8,
@@ -43,10 +44,12 @@ def torch_to_hf(weight: str, hf_path: str, *, dim: int = 512, n_layers: int = 8,
                 tokenizer_path: str = str(DEFAULT_TOKENIZER), dtype: torch.dtype | None = None) -> LMConfig:
     """Export a native .pth to a Hugging Face folder (dtype None keeps the checkpoint's dtype). The vocabulary
     size is read from the weights; the other architecture fields must be given as trained (checked by shape)."""
-    state = load_state_dict_file(weight, what_to_run="pass the weights file a train_*.py script wrote")
+    state = read_checkpoint(weight, "pass the weights file a train_*.py script wrote")
     config = LMConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                       vocab_size=state["tok_embeddings.weight"].shape[0], use_moe=use_moe, max_seq_len=max_seq_len)
-    save_hf_folder(state, config, hf_path, AutoTokenizer.from_pretrained(tokenizer_path), dtype=dtype, source=weight)
+    tokenizer = AutoTokenizer.from_pretrained(require_file(tokenizer_path, "pass --tokenizer_path to a tokenizer folder",
+                                                           "tokenizer folder"))
+    save_hf_folder(state, config, hf_path, tokenizer, dtype=dtype, source=weight)
     return config
 
 
@@ -64,12 +67,13 @@ def merge_lora_into_weights(weight: str, lora: str, out: str, *, n_layers: int =
                             n_kv_heads: int = 2, use_moe: bool = False) -> LMConfig:
     """Fold a LoRA adapter file into base weights and save the result as a plain native .pth (atomically).
     dim and vocabulary size are read from the weights; rank and targets from the adapter file."""
-    state = load_state_dict_file(weight, what_to_run="pass the base weights the adapter was trained on")
+    state = read_checkpoint(weight, "pass the base weights the adapter was trained on")
     vocab_size, dim = state["tok_embeddings.weight"].shape
     config = LMConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
                       use_moe=use_moe)
     model = MiniMindLM(config)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    load_into(model, {k: v.float() for k, v in state.items()}, weight, f"--n_layers {n_layers} --n_heads {n_heads} "
+                                                                       f"--n_kv_heads {n_kv_heads} --use_moe {int(use_moe)}")
     attach_lora_file(model, lora)
     dtype = state["tok_embeddings.weight"].dtype
     merged = {k: v.to(dtype) for k, v in merged_state_dict(model).items()}
@@ -88,12 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_architecture_args(export)
     export.add_argument("--max_seq_len", type=int, default=8192, help="context length written to the config")
     export.add_argument("--tokenizer_path", default=str(DEFAULT_TOKENIZER), help="tokenizer copied into the folder")
-    export.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weight dtype (auto: keep)")
+    export.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weight dtype (auto: keep)")
 
     imp = sub.add_parser("hf2torch", help="Hugging Face folder -> native .pth")
     imp.add_argument("--hf_path", required=True, help="folder written by torch2hf (or a MiniMind-shaped Llama)")
     imp.add_argument("--weight", required=True, help="output .pth")
-    imp.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weight dtype (auto: keep)")
+    imp.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weight dtype (auto: keep)")
 
     merge = sub.add_parser("merge_lora", help="base .pth + LoRA adapter -> standalone native .pth")
     merge.add_argument("--weight", required=True, help="base weights the adapter was trained on, e.g. out/full_sft_512.pth")
@@ -105,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    dtype = DTYPES.get(getattr(args, "dtype", "auto"))
+    dtype_name = getattr(args, "dtype", "auto")
+    dtype = None if dtype_name == "auto" else torch_dtype(dtype_name)
     if args.command == "torch2hf":
         config = torch_to_hf(args.weight, args.hf_path, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
                              n_kv_heads=args.n_kv_heads, use_moe=bool(args.use_moe), max_seq_len=args.max_seq_len,
@@ -125,4 +130,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)

@@ -43,13 +43,13 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 
-from model.checkpoint import atomic_write_text, load_state_dict_file  # noqa: E402
+from model.checkpoint import atomic_write_text, load_weights  # noqa: E402
 from model.dataset import DPODataset, PretrainDataset, SFTDataset  # noqa: E402
 from model.distributed import select_device  # noqa: E402
 from model.evaluation import generate_replies, mean_loss, preference_log_probs  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
 from model.model import MiniMindLM  # noqa: E402
-from model.model_lora import attach_lora_file  # noqa: E402
+from model.model_lora import attach_lora_file, lora_path  # noqa: E402
 from model.train_log import format_duration, read_metrics  # noqa: E402
 
 # The demo model and the distillation student: as wide, half as deep (it starts from the teacher's blocks 0 and 2)
@@ -169,7 +169,7 @@ def build_stages(args: argparse.Namespace, plan: Plan) -> list[Stage]:
         Stage("lora", "train a LoRA adapter with a new identity (base frozen)",
               [train("train_lora.py", "lora_identity.jsonl", plan.lora_epochs, "--learning_rate", "2e-3",
                      "--lora_rank", "8", "--lora_targets", "all", "--warmup_iters", "10")],
-              [out / "lora" / f"lora_identity{suffix}.pth"]),
+              [lora_path(out, "lora_identity", MODEL["dim"])]),
         Stage("dpo", "prefer right over wrong answers (DPO)",
               [train("train_dpo.py", "dpo.jsonl", plan.dpo_epochs, "--learning_rate", "1e-4",
                      "--beta", str(DPO_BETA))], [out / f"rlhf{suffix}.pth"]),
@@ -299,7 +299,7 @@ class Evaluator:
     def load(self, weights: Path, shape: dict = MODEL, lora: Path | None = None) -> MiniMindLM:
         config = LMConfig(**shape, vocab_size=len(self.tokenizer), max_seq_len=256)
         model = MiniMindLM(config)
-        model.load_state_dict(load_state_dict_file(weights, "run the demo stage that writes it"), strict=True)
+        load_weights(model, weights, "run the demo stage that writes it")
         if lora is not None:
             attach_lora_file(model, str(lora))
         return model.to(self.device).eval()
@@ -349,7 +349,7 @@ class Evaluator:
 
     def after_lora(self) -> None:
         base_file = self.weights("full_sft")
-        adapter = self.args.out_dir / "lora" / f"lora_identity_{MODEL['dim']}.pth"
+        adapter = lora_path(self.args.out_dir, "lora_identity", MODEL["dim"])
         questions = read_jsonl(self.data / "eval_identity.jsonl")
         chats = [[{"role": "user", "content": q["question"]}] for q in questions]
         base_name, lora_name = self.world["assistant_names"]["base"], self.world["assistant_names"]["lora"]
@@ -523,7 +523,7 @@ def plot_losses(args: argparse.Namespace, results: dict, path: Path) -> None:
     panels = [
         ("pretrain", {"": out / f"pretrain_{dim}_metrics.jsonl"}),
         ("sft", {"": out / f"full_sft_{dim}_metrics.jsonl"}),
-        ("lora", {"": out / "lora" / f"lora_identity_{dim}_metrics.jsonl"}),
+        ("lora", {"": lora_path(out, "lora_identity", dim).with_name(f"lora_identity_{dim}_metrics.jsonl")}),
         ("dpo", {"": out / f"rlhf_{dim}_metrics.jsonl"}),
         ("distill: the students' cross-entropy", {f"{run.replace('_', ' ')}": out / "distill" / run / f"full_dist_{STUDENT['dim']}_metrics.jsonl"
                                for run in ("with_teacher", "without_teacher")}),

@@ -36,12 +36,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `model` when run as `python scripts/...`
 
+from model.common import MODEL_MODES, PRETRAIN_MODE, REASON_MODE, exit_on_input_error  # noqa: E402
 from model.inference import (  # noqa: E402
-    MODEL_MODES,
-    PRETRAIN_MODE,
-    THINK_OPEN,
     GenerationResult,
-    ReasoningStream,
+    Piece,
+    ReplyRouter,
     add_model_args,
     load_model,
     stream_chat,
@@ -49,7 +48,6 @@ from model.inference import (  # noqa: E402
 
 DEFAULT_MAX_TOKENS = 512  # when a request names no max_tokens; the context length bounds it as well
 DEFAULT_TEMPERATURE = DEFAULT_TOP_P = 0.85  # MiniMind's usual sampling, when a request leaves them out (or null)
-REASON_MODE = 3  # model_mode whose replies are "[<think>]...</think><answer>...</answer>"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,55 +137,6 @@ def validation_error(exc: ValidationError) -> APIError:
 
 def generation_failed(exc: Exception) -> APIError:
     return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reasoning replies
-
-
-class ReplySplitter:
-    """Splits a streamed reply into (reasoning delta, answer delta) pairs, trimmed as split_reasoning trims.
-
-    model.inference.ReasoningStream routes text by the <think>/</think> tags. Once a reply has a think part,
-    whitespace at both ends of the think part and of the answer is dropped (trailing whitespace is held back until
-    more text of the same kind follows), so the deltas of a `[<think>]...</think>...` reply join to exactly
-    split_reasoning(reply). A reply without a think part passes through untouched.
-    """
-
-    def __init__(self, reasoning: bool):
-        self.router = ReasoningStream()
-        self.has_reasoning = reasoning  # report reasoning_content: always for a reasoning model, else once seen
-        if reasoning:  # its reply starts inside the think part even when the model leaves out the opening tag
-            self.router.feed(THINK_OPEN)
-        self.started = {"think": False, "answer": False}
-        self.held_space = {"think": "", "answer": ""}
-
-    def feed(self, delta: str) -> tuple[str, str]:
-        return self._trim(self.router.feed(delta))
-
-    def close(self) -> tuple[str, str]:
-        """The text held back at the end of the reply (trailing whitespace is dropped)."""
-        return self._trim(self.router.close())
-
-    def _trim(self, pieces: list[tuple[str, str]]) -> tuple[str, str]:
-        out = {"think": "", "answer": ""}
-        for kind, text in pieces:
-            self.has_reasoning |= kind == "think"
-            if not self.has_reasoning:
-                out[kind] += text
-                continue
-            if not self.started[kind]:
-                text = text.lstrip()
-                if not text:
-                    continue
-                self.started[kind] = True
-            body = text.rstrip()
-            if body:
-                out[kind] += self.held_space[kind] + body
-                self.held_space[kind] = text[len(body) :]
-            else:
-                self.held_space[kind] += text
-        return out["think"], out["answer"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -376,11 +325,11 @@ def create_app(
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                sse_events(stream, header, ReplySplitter(reasoning), include_usage),
+                sse_events(stream, header, ReplyRouter(reasoning), include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await complete(stream, header, ReplySplitter(reasoning))
+        return await complete(stream, header, ReplyRouter(reasoning))
 
     return app
 
@@ -393,23 +342,27 @@ def usage_of(result: GenerationResult) -> dict[str, int]:
     }
 
 
-async def complete(stream: AsyncIterator[str | GenerationResult], header: dict, splitter: ReplySplitter) -> dict[str, Any]:
+def reasoning_and_content(pieces: list[Piece]) -> tuple[str, str]:
+    """The think text and the answer text of routed pieces: OpenAI's reasoning_content and content."""
+    return tuple("".join(text for kind, text in pieces if kind == part) for part in ("think", "answer"))
+
+
+async def complete(stream: AsyncIterator[str | GenerationResult], header: dict, router: ReplyRouter) -> dict[str, Any]:
     """The whole `chat.completion` body, once generation is over."""
-    thinking, answer = [], []
+    pieces: list[Piece] = []
     try:
         async for item in stream:
             if isinstance(item, GenerationResult):
                 result = item
-                think, text = splitter.close()
+                pieces += router.close()
             else:
-                think, text = splitter.feed(item)
-            thinking.append(think)
-            answer.append(text)
+                pieces += router.feed(item)
     except Exception as exc:
         raise generation_failed(exc) from exc
-    message = {"role": "assistant", "content": "".join(answer)}
-    if splitter.has_reasoning:
-        message["reasoning_content"] = "".join(thinking)
+    reasoning, content = reasoning_and_content(pieces)
+    message = {"role": "assistant", "content": content}
+    if router.has_think:
+        message["reasoning_content"] = reasoning
     return {
         **header,
         "object": "chat.completion",
@@ -425,7 +378,7 @@ def sse(payload: dict[str, Any] | str) -> str:
 
 
 async def sse_events(
-    stream: AsyncIterator[str | GenerationResult], header: dict, splitter: ReplySplitter, include_usage: bool
+    stream: AsyncIterator[str | GenerationResult], header: dict, router: ReplyRouter, include_usage: bool
 ) -> AsyncIterator[str]:
     """`chat.completion.chunk` events: the role chunk, content / reasoning_content chunks (finish_reason null),
     an empty-delta chunk carrying finish_reason, the usage chunk (`choices: []`) if asked for, then [DONE].
@@ -435,20 +388,21 @@ async def sse_events(
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return sse({**header, "object": "chat.completion.chunk", "choices": [choice]})
 
-    def delta_chunks(think: str, text: str) -> list[str]:
+    def delta_chunks(pieces: list[Piece]) -> list[str]:
+        think, text = reasoning_and_content(pieces)
         return ([chunk({"reasoning_content": think})] if think else []) + ([chunk({"content": text})] if text else [])
 
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for item in stream:
             if isinstance(item, GenerationResult):
-                for event in delta_chunks(*splitter.close()):
+                for event in delta_chunks(router.close()):
                     yield event
                 yield chunk({}, item.finish_reason)
                 if include_usage:
                     yield sse({**header, "object": "chat.completion.chunk", "choices": [], "usage": usage_of(item)})
             else:
-                for event in delta_chunks(*splitter.feed(item)):
+                for event in delta_chunks(router.feed(item)):
                     yield event
     except Exception as exc:
         yield sse(generation_failed(exc).body())
@@ -470,7 +424,7 @@ def main() -> None:
 
     import uvicorn
 
-    model, tokenizer = load_model(args)
+    model, tokenizer = exit_on_input_error(lambda: load_model(args))
     name = args.model_name or f"minimind-{MODEL_MODES[args.model_mode]}"
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key, max_context=args.max_seq_len,
                      model_mode=args.model_mode)

@@ -32,6 +32,10 @@ from typing import Iterator, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/train_tokenizer.py` from anywhere
+
+from model.common import ConfigError, DataFormatError, exit_on_input_error, require_file  # noqa: E402
+
 PAD_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
@@ -57,16 +61,16 @@ CHAT_TEMPLATE = """\
 def _texts_of_record(record: object, field: str, where: str) -> list[str]:
     """The strings one parsed jsonl line contributes; `where` ("file:line") names the line in errors."""
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if field == "auto":
         if "text" in record:
             field = "text"
         elif "conversations" in record:
             field = "conversations"
         else:
-            raise ValueError(f"{where}: no 'text' or 'conversations' field (keys: {sorted(record)}); pass --field")
+            raise DataFormatError(f"{where}: no 'text' or 'conversations' field (keys: {sorted(record)}); pass --field")
     if field not in record:
-        raise ValueError(f"{where}: missing field '{field}'")
+        raise DataFormatError(f"{where}: missing field '{field}'")
     value = record[field]
     if isinstance(value, str):
         return [value]
@@ -74,10 +78,10 @@ def _texts_of_record(record: object, field: str, where: str) -> list[str]:
         texts = []
         for index, message in enumerate(value):
             if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-                raise ValueError(f"{where}: field '{field}[{index}]' must be an object with a string 'content'")
+                raise DataFormatError(f"{where}: field '{field}[{index}]' must be an object with a string 'content'")
             texts.append(message["content"])
         return texts
-    raise ValueError(f"{where}: field '{field}' must be a string or a list of messages, got {type(value).__name__}")
+    raise DataFormatError(f"{where}: field '{field}' must be a string or a list of messages, got {type(value).__name__}")
 
 
 def iter_texts(data_paths: Sequence[str | Path], field: str = "auto", max_chars: int | None = None) -> Iterator[str]:
@@ -85,8 +89,8 @@ def iter_texts(data_paths: Sequence[str | Path], field: str = "auto", max_chars:
     remaining = max_chars
     for path in data_paths:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer training data not found: {path}")
+        require_file(path, "pass --data_path to jsonl files of {\"text\"} or {\"conversations\"} lines",
+                     "tokenizer training data")
         with path.open(encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -95,7 +99,7 @@ def iter_texts(data_paths: Sequence[str | Path], field: str = "auto", max_chars:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{where}: invalid JSON ({error.msg})") from error
+                    raise DataFormatError(f"{where}: invalid JSON ({error.msg})") from error
                 for text in _texts_of_record(record, field, where):
                     if remaining is not None:
                         text = text[:remaining]
@@ -115,7 +119,7 @@ def build_bpe_tokenizer(texts: Iterator[str], vocab_size: int, isolate_spaces: b
     name together (the bundled demo uses it)."""
     minimum = len(RESERVED_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size <= minimum:
-        raise ValueError(f"--vocab_size must exceed {minimum} (7 reserved tokens + 256 byte symbols), got {vocab_size}")
+        raise ConfigError(f"--vocab_size must exceed {minimum} (7 reserved tokens + 256 byte symbols), got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if isolate_spaces:
@@ -220,4 +224,4 @@ def main(argv: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)

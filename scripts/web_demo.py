@@ -28,12 +28,10 @@ from transformers import PreTrainedTokenizerBase
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `model` when run as `streamlit run scripts/...`
 
+from model.common import MODEL_MODES, PRETRAIN_MODE, REASON_MODE  # noqa: E402
 from model.inference import (  # noqa: E402
-    MODEL_MODES,
-    PRETRAIN_MODE,
-    THINK_OPEN,
     GenerationResult,
-    ReasoningStream,
+    ReplyRouter,
     add_model_args,
     load_model,
     stream_chat,
@@ -41,7 +39,6 @@ from model.inference import (  # noqa: E402
 from model.LMConfig import PRESETS  # noqa: E402
 from model.model import MiniMindLM  # noqa: E402
 
-REASON_MODE = 3
 NATIVE_WEIGHT = re.compile(r"^(?P<stage>[a-z][a-z_]*?)_(?P<dim>\d+)(?P<moe>_moe)?\.pth$")
 AVATARS = {"user": "🧑", "assistant": "🤖"}
 
@@ -137,8 +134,8 @@ class StreamedReply:
     """A reply routed into its think part and its answer as it is generated, for two `st.write_stream` calls.
 
     `thinking()` yields the leading think text (shown in an expander while it grows), `answering()` the rest of
-    the answer; think text after the answer began is kept, not shown live. A reasoning model's reply starts in
-    the think part even without the opening tag, as model.inference.split_reasoning assumes.
+    the answer; think text after the answer began is kept, not shown live. The pieces come from
+    model.inference.ReplyRouter, as in every front end.
     """
 
     def __init__(self, chat: Generator[str, None, GenerationResult], reasoning: bool):
@@ -149,9 +146,7 @@ class StreamedReply:
         self.upcoming = next(self.pieces, None)
 
     def _route(self, chat: Generator[str, None, GenerationResult], reasoning: bool) -> Iterator[tuple[str, str]]:
-        router = ReasoningStream()
-        if reasoning:
-            router.feed(THINK_OPEN)
+        router = ReplyRouter(reasoning)
         while True:
             try:
                 delta = next(chat)

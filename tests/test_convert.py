@@ -11,24 +11,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from conftest import TOKENIZER_DIR
+from conftest import TINY, TOKENIZER_DIR
 from model import LMConfig, MiniMindLM
 from model.hf_minimind import halves_to_interleaved, interleaved_to_halves, load_hf_folder, save_hf_folder
 from model.inference import add_model_args, load_model
 from scripts import convert_model
 
-TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
 def tiny_model(tokenizer, seed: int = 0, **overrides) -> MiniMindLM:
     """A tiny model with weights large enough that greedy decoding does not repeat one token forever."""
     torch.manual_seed(seed)
-    model = MiniMindLM(LMConfig(**TINY, vocab_size=len(tokenizer), **overrides))
+    model = MiniMindLM(LMConfig(**{**TINY, "max_seq_len": 256, "vocab_size": len(tokenizer), **overrides}))
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(4.0)

@@ -14,15 +14,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer
 
 import eval_model
-from conftest import ROOT, TOKENIZER_DIR
+from conftest import ROOT, TINY, TINY_FLAGS
 from model import LMConfig, MiniMindLM
+from model.common import WeightsMismatchError
 from model.hf_minimind import save_hf_folder
 from model.inference import (
     IncrementalDecoder,
-    ReasoningStream,
+    ReplyRouter,
     add_model_args,
     build_prompt,
     load_model,
@@ -35,16 +35,10 @@ QUESTION = "9.11和9.9哪个大？"
 THINK, ANSWER = "比较小数位", "9.9更大🙂"
 REPLY = f"<think>\n{THINK}\n</think>\n<answer>\n{ANSWER}\n</answer>"
 OPENING, CONTINUATION = "世界上最高的山峰是", "珠穆朗玛峰"
-ARCH = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
 def tiny_config(tokenizer) -> LMConfig:
-    return LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=len(tokenizer), max_seq_len=256)
+    return LMConfig(**TINY, vocab_size=len(tokenizer), max_seq_len=256)
 
 
 def chat_prompt_ids(tokenizer, question: str = QUESTION) -> list[int]:
@@ -142,7 +136,7 @@ class RecordingOutput(io.StringIO):
 
 def run_eval(out_dir, *flags: str, stdin: str = "") -> RecordingOutput:
     out = RecordingOutput()
-    eval_model.main([*ARCH, "--out_dir", str(out_dir), "--device", "cpu", "--temperature", "0",
+    eval_model.main([*TINY_FLAGS, "--out_dir", str(out_dir), "--device", "cpu", "--temperature", "0",
                      "--max_new_tokens", "40", *flags], stdin=io.StringIO(stdin), out=out)
     return out
 
@@ -215,6 +209,7 @@ def test_missing_weights_say_which_stage_makes_them(tmp_path):
         run_eval(tmp_path, "--model_mode", "2", "--prompt", "hi")
 
 
+@pytest.mark.slow
 def test_load_1_from_exported_folder_as_a_script(memorized, tokenizer, tmp_path):
     save_hf_folder(memorized.state_dict(), memorized.config, str(tmp_path / "hf"), tokenizer)
     result = subprocess.run(
@@ -352,14 +347,29 @@ def test_split_reasoning(text, expected):
     assert split_reasoning(text) == expected
 
 
-def test_reasoning_stream_handles_tags_split_across_deltas():
-    text = f"{REPLY} and <thinking is not a tag"
-    pieces = ReasoningStream()
-    routed = [p for ch in text for p in pieces.feed(ch)] + pieces.close()  # one character per delta
-    think = "".join(t for kind, t in routed if kind == "think")
-    answer_text = "".join(t for kind, t in routed if kind == "answer")
-    assert think == f"\n{THINK}\n"
-    assert answer_text == f"\n\n{ANSWER}\n and <thinking is not a tag"
+@pytest.mark.parametrize("text, reasoning", [
+    (f"{REPLY} and <thinking is not a tag", True),
+    (f"  {THINK}\n</think>\n<answer>\n{ANSWER}\n</answer>\n", True),  # <think> was in the prompt
+    ("plain reply <answer>with tags</answer>  ", False),
+    (f"an answer first, then <think> {THINK} </think> more", False),
+])
+def test_reply_router_pieces_are_the_same_for_any_deltas_and_join_to_split_reasoning(text, reasoning):
+    def route(deltas: list[str]) -> list[tuple[str, str]]:
+        router = ReplyRouter(reasoning)
+        return [piece for delta in deltas for piece in router.feed(delta)] + router.close()
+
+    whole = route([text])
+    one_char = route(list(text))  # tags split across deltas are held back until they are complete
+    join = lambda pieces, kind: "".join(t for k, t in pieces if k == kind)  # noqa: E731
+    for kind in ("think", "answer"):
+        assert join(one_char, kind) == join(whole, kind)
+    if reasoning:
+        assert (join(whole, "think"), join(whole, "answer")) == split_reasoning(text)
+    elif "<think>" not in text:  # a reply without a think part passes through untouched, but for the dropped tags
+        assert join(whole, "answer") == text.replace("<answer>", "").replace("</answer>", "")
+    else:  # text before the think part is answer as it came; trimming starts with the think part
+        assert (join(whole, "think"), join(whole, "answer")) == (THINK, "an answer first, then more")
+    assert "<thinking is not a tag" in join(whole, "answer") or "<thinking" not in text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,5 +380,16 @@ def test_load_model_checks_architecture_flags(out_dir):
     parser = argparse.ArgumentParser()
     add_model_args(parser)
     args = parser.parse_args(["--dim", "64", "--n_layers", "3", "--n_heads", "4", "--out_dir", str(out_dir[0])])
-    with pytest.raises(ValueError, match=r"full_sft_64.pth does not match.*--n_layers 3"):
+    with pytest.raises(WeightsMismatchError, match=r"full_sft_64.pth does not fit the model built from the flags \(--dim 64 --n_layers 3.*: 9 missing key\(s\) \(layers\.2\."):
         load_model(args)
+
+
+def test_model_mode_takes_numbers_and_stage_names(capsys):
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    for value, mode in [("0", 0), ("pretrain", 0), ("1", 1), ("full_sft", 1), ("2", 2), ("rlhf", 2), ("3", 3),
+                        ("reason", 3)]:
+        assert parser.parse_args(["--model_mode", value]).model_mode == mode
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model_mode", "sft"])
+    assert "unknown model mode 'sft': use 0 or pretrain, 1 or full_sft, 2 or rlhf, 3 or reason" in capsys.readouterr().err

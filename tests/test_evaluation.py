@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer
 
-from conftest import TOKENIZER_DIR
+from conftest import TINY
 from model import LMConfig, MiniMindLM
 from model.dataset import DPODataset, SFTDataset
 from model.evaluation import generate_replies, mean_loss, preference_log_probs
@@ -18,14 +17,9 @@ QUESTIONS = ["你好", "What is the capital of a made-up country with a long nam
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-
-
-@pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)
-    model = MiniMindLM(LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=len(tokenizer), max_seq_len=128))
+    model = MiniMindLM(LMConfig(**TINY, vocab_size=len(tokenizer), max_seq_len=128))
     with torch.no_grad():  # larger weights than the init's, so greedy picks are far from ties and eos gets chosen
         for p in model.parameters():
             p.mul_(8.0)

@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import conftest
+
 from model import LMConfig, MiniMindLM, preset
 from model.model import rope_frequencies, sample_next_token
 
-TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=64)
+TINY = {**conftest.TINY, "vocab_size": 97, "max_seq_len": 64}  # a vocabulary of odd size
 
 
 # ---------------------------------------------------------------------------------------------------------------

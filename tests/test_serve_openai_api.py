@@ -25,14 +25,14 @@ import uvicorn
 from fastapi.testclient import TestClient
 from openai import OpenAI
 
+from conftest import TINY, TINY_FLAGS
 from model import LMConfig, MiniMindLM
-from model.inference import add_model_args, load_model, split_reasoning
+from model.inference import ReplyRouter, add_model_args, load_model, split_reasoning
 from scripts import chat_openai_api
-from scripts.serve_openai_api import ReplySplitter, create_app
+from scripts.serve_openai_api import create_app, reasoning_and_content
 
 API_KEY = "sk-test"
-TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
-TINY_FLAGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--device", "cpu", "--max_seq_len", "512"]
+MODEL_FLAGS = [*TINY_FLAGS, "--device", "cpu", "--max_seq_len", "512"]
 EOS = 2  # <|im_end|>
 
 
@@ -58,7 +58,7 @@ def load_tiny(out_dir: Path, model_mode: int = 1):
     """The checkpoint in out_dir loaded through the same flags and loader the server's __main__ uses."""
     parser = argparse.ArgumentParser()
     add_model_args(parser)
-    return load_model(parser.parse_args(["--out_dir", str(out_dir), "--model_mode", str(model_mode), *TINY_FLAGS]))
+    return load_model(parser.parse_args(["--out_dir", str(out_dir), "--model_mode", str(model_mode), *MODEL_FLAGS]))
 
 
 def greedy_reference(model, tokenizer, messages: list[dict], max_new_tokens: int) -> tuple[str, int, int, bool]:
@@ -283,16 +283,16 @@ def test_reasoning_content_is_split_from_the_answer(tiny, model_mode, reply):
     assert kinds == sorted(kinds, key=lambda k: k == "content")  # all reasoning deltas come before the answer
 
 
-def test_reply_splitter_is_independent_of_how_the_text_is_cut():
-    """Tags and surrounding whitespace split across deltas give the same result as one whole delta."""
+def test_reasoning_and_content_are_independent_of_how_the_text_is_cut():
+    """Tags and surrounding whitespace split across deltas give the same (reasoning, content) as one whole delta."""
     for reasoning, reply in [(True, THOUGHT), (False, THOUGHT), (True, " a </think> b "), (False, "plain  text \n")]:
-        pieces = []
+        results = []
         for size in (1, 2, 3, len(reply)):
-            splitter = ReplySplitter(reasoning)
-            parts = [splitter.feed(reply[i : i + size]) for i in range(0, len(reply), size)] + [splitter.close()]
-            pieces.append(("".join(p[0] for p in parts), "".join(p[1] for p in parts), splitter.has_reasoning))
-        assert len(set(pieces)) == 1
-    assert pieces[0] == ("", "plain  text \n", False)  # no think part: passed through untouched
+            router = ReplyRouter(reasoning)
+            pieces = [p for i in range(0, len(reply), size) for p in router.feed(reply[i : i + size])] + router.close()
+            results.append((*reasoning_and_content(pieces), router.has_think))
+        assert len(set(results)) == 1
+    assert results[0] == ("", "plain  text \n", False)  # no think part: passed through untouched
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -402,6 +402,7 @@ def test_eight_concurrent_streams_equal_their_solo_runs(tiny, live_server):
     assert results == {i: (text, p, c) for i, (text, p, c, _) in enumerate(solo)}
 
 
+@pytest.mark.slow
 def test_health_answers_while_a_long_generation_runs(tiny, live_server):
     model, _ = tiny
     first_delta = threading.Event()

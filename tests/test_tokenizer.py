@@ -20,11 +20,6 @@ EXPECTED_IDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-
-
 def test_loads_with_expected_roles(tokenizer):
     assert len(tokenizer) == 6400
     roles = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
@@ -120,6 +115,7 @@ def _write_corpus(path: Path) -> None:
                 handle.write("\n")  # blank lines are ignored
 
 
+@pytest.mark.slow
 def test_training_script_produces_loadable_tokenizer(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     _write_corpus(corpus)

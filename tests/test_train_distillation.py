@@ -6,20 +6,18 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from conftest import TOKENIZER_DIR
-from model.checkpoint import MissingInputError
+from conftest import CPU_FP32, TINY_FLAGS, TORCHRUN_2, run, same_weights, tiny_model, write_lines
+from model.common import MissingInputError
 from model.dataset import PadCollator, SFTDataset
 from model.LMConfig import LMConfig
 from model.model import MiniMindLM
 from model.train_log import read_metrics
 from model.trainer import masked_cross_entropy
-from test_train_distributed import TORCHRUN_2
-from test_train_runs import CPU_FP32, TINY_MODEL, run, same_weights, tiny_model, write_lines
 import train_distillation
 from train_distillation import (
     distillation_loss, make_distillation_loss, soft_kl, student_state_from_teacher, teacher_blocks_for,
@@ -34,11 +32,6 @@ def teacher_model(state_dict: dict | None = None) -> MiniMindLM:
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
     return model
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,7 +79,7 @@ def test_teacher_equal_to_student_gives_zero_kl_and_the_plain_ce_gradient(shared
 
 
 def test_missing_or_unusable_teacher_is_a_clear_error(tmp_path, shared_data, capsys):
-    data = ["--data_path", str(shared_data / "lora_identity.jsonl"), "--out_dir", str(tmp_path), *CPU_FP32, *TINY_MODEL,
+    data = ["--data_path", str(shared_data / "lora_identity.jsonl"), "--out_dir", str(tmp_path), *CPU_FP32, *TINY_FLAGS,
             "--from_weight", "none"]
     with pytest.raises(MissingInputError) as error:
         train_distillation.main([*data, *TEACHER_FLAGS])
@@ -113,8 +106,8 @@ def test_teacher_blocks_are_every_kth_from_the_first():
 
 def test_student_from_teacher_blocks_computes_what_those_blocks_compute():
     torch.manual_seed(0)
-    teacher = MiniMindLM(LMConfig(dim=64, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=300)).eval()
-    student = MiniMindLM(LMConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=300)).eval()
+    teacher = tiny_model(n_layers=4, vocab_size=300)
+    student = tiny_model(n_layers=2, vocab_size=300)
     student.load_state_dict(student_state_from_teacher(teacher.state_dict(), [0, 2]), strict=True)
     for name, value in student.layers[1].state_dict().items():
         assert torch.equal(value, teacher.layers[2].state_dict()[name])
@@ -131,7 +124,7 @@ def test_student_from_teacher_blocks_computes_what_those_blocks_compute():
 
 
 def test_init_from_teacher_flag_errors_name_the_fix(tmp_path, capsys):
-    base = ["--data_path", str(tmp_path / "none.jsonl"), "--out_dir", str(tmp_path), *CPU_FP32, *TINY_MODEL]
+    base = ["--data_path", str(tmp_path / "none.jsonl"), "--out_dir", str(tmp_path), *CPU_FP32, *TINY_FLAGS]
     with pytest.raises(SystemExit):
         train_distillation.main([*base, *TEACHER_FLAGS, "--init_from_teacher", "1"])
     assert "--init_from_teacher 1 starts the student from the teacher: pass --from_weight none" in capsys.readouterr().err
@@ -144,7 +137,7 @@ def test_init_from_teacher_flag_errors_name_the_fix(tmp_path, capsys):
 # End to end: the script as users run it
 
 # 96 training conversations, 8 per step: 12 steps, the interrupted run stopping at 6. alpha 0: only the teacher.
-DISTILL_RUN = [*CPU_FP32, *TINY_MODEL, *TEACHER_FLAGS, "--max_seq_len", "64", "--batch_size", "8",
+DISTILL_RUN = [*CPU_FP32, *TINY_FLAGS, *TEACHER_FLAGS, "--max_seq_len", "64", "--batch_size", "8",
                "--accumulation_steps", "1", "--learning_rate", "3e-3", "--alpha", "0", "--temperature", "2",
                "--epochs", "1", "--log_interval", "1", "--save_interval", "3", "--num_workers", "0"]
 
@@ -181,49 +174,64 @@ def held_out_kl(student_state: dict, teacher_state: dict, dataset: SFTDataset) -
     return total / count
 
 
-def test_distillation_run_lowers_held_out_kl_resumes_exactly_and_runs_under_torchrun(tmp_path, shared_data, tokenizer):
+@pytest.fixture(scope="module")
+def distillation_run(tmp_path_factory, shared_data, tokenizer) -> SimpleNamespace:
+    """A trained teacher, and the uninterrupted 12-step run with alpha 0 the other tests compare with."""
+    folder = tmp_path_factory.mktemp("distillation")
     sft = shared_data / "sft_mini.jsonl"
-    train_file = write_lines(sft, tmp_path / "train.jsonl", 0, 96)
-    held = SFTDataset(write_lines(sft, tmp_path / "held.jsonl", 13_200, 13_224), tokenizer, max_length=64)
-    out = tmp_path / "full"
+    train_file = write_lines(sft, folder / "train.jsonl", 0, 96)
+    held = SFTDataset(write_lines(sft, folder / "held.jsonl", 13_200, 13_224), tokenizer, max_length=64)
+    out = folder / "full"
     out.mkdir()
-    teacher = train_teacher(write_lines(sft, tmp_path / "teacher.jsonl", 1_000, 1_160), tokenizer)
+    teacher = train_teacher(write_lines(sft, folder / "teacher.jsonl", 1_000, 1_160), tokenizer)
     torch.save(teacher, out / "full_sft_96.pth")  # found by the default --teacher_weight full_sft
     torch.manual_seed(0)
     start = tiny_model().state_dict()
-    start_file = tmp_path / "start_64.pth"
+    start_file = folder / "start_64.pth"
     torch.save(start, start_file)
     command = [sys.executable, "train_distillation.py", *DISTILL_RUN, "--data_path", str(train_file),
                "--from_weight", str(start_file)]
-
-    # The uninterrupted 12-step run with alpha 0: the student moves towards the teacher on held-out conversations.
     stdout = run([*command, "--out_dir", str(out), "--max_steps", "12"])
-    assert f"from {start_file}, teacher " in stdout and f"from {out / 'full_sft_96.pth'}, alpha 0.0" in stdout
-    rows = read_metrics(out / "full_dist_64_metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, 13))
-    assert all(r["loss"] == pytest.approx(4.0 * r["kl"], rel=1e-6) for r in rows)  # alpha 0: T^2 * KL only
-    trained = torch.load(out / "full_dist_64.pth", weights_only=True)
-    before, after = held_out_kl(start, teacher, held), held_out_kl(trained, teacher, held)
+    return SimpleNamespace(command=command, stdout=stdout, out=out, held=held, teacher=teacher, start=start,
+                           start_file=start_file, train_file=train_file,
+                           rows=read_metrics(out / "full_dist_64_metrics.jsonl"),
+                           trained=torch.load(out / "full_dist_64.pth", weights_only=True))
+
+
+@pytest.mark.slow
+def test_distillation_run_lowers_held_out_kl(distillation_run):
+    """With alpha 0 the student moves towards the teacher on held-out conversations."""
+    run_ = distillation_run
+    assert f"from {run_.start_file}, teacher " in run_.stdout
+    assert f"from {run_.out / 'full_sft_96.pth'}, alpha 0.0" in run_.stdout
+    assert [r["step"] for r in run_.rows] == list(range(1, 13))
+    assert all(r["loss"] == pytest.approx(4.0 * r["kl"], rel=1e-6) for r in run_.rows)  # alpha 0: T^2 * KL only
+    before, after = held_out_kl(run_.start, run_.teacher, run_.held), held_out_kl(run_.trained, run_.teacher, run_.held)
     assert after < 0.5 * before, (before, after)
 
-    # Stopped after 6 steps and resumed to 12 (teacher given as a path this time): bit-identical weights.
-    resumed = tmp_path / "resumed"
-    resumed_command = [*command, "--out_dir", str(resumed), "--teacher_weight", str(out / "full_sft_96.pth")]
-    run([*resumed_command, "--max_steps", "6"])
-    stdout = run([*resumed_command, "--max_steps", "12", "--resume", "1"])
-    assert "at step 6 (epoch 1, sample 48/96" in stdout
-    assert same_weights(torch.load(resumed / "full_dist_64.pth", weights_only=True), trained)
-    logged = ("step", "loss", "lr", "ce", "kl")
-    assert [tuple(r[k] for k in logged) for r in read_metrics(resumed / "full_dist_64_metrics.jsonl")] == [
-        tuple(r[k] for k in logged) for r in rows]
 
-    # Two processes (gloo) with the teacher equal to the student's starting weights: the first step's KL is 0.
-    ddp = tmp_path / "ddp"
-    stdout = run([*TORCHRUN_2, "train_distillation.py", *DISTILL_RUN, "--data_path", str(train_file),
-                  "--from_weight", str(start_file), "--teacher_weight", str(start_file), "--teacher_dim", "64",
-                  "--teacher_n_layers", "2", "--alpha", "0.5", "--batch_size", "4", "--max_steps", "2",
-                  "--out_dir", str(ddp)])
+@pytest.mark.slow
+def test_distillation_stop_and_resume_is_bit_identical(distillation_run, tmp_path):
+    """Stopped after 6 steps and resumed to 12 (teacher given as a path this time): the same weights and logs."""
+    command = [*distillation_run.command, "--out_dir", str(tmp_path), "--teacher_weight",
+               str(distillation_run.out / "full_sft_96.pth")]
+    run([*command, "--max_steps", "6"])
+    stdout = run([*command, "--max_steps", "12", "--resume", "1"])
+    assert "at step 6 (epoch 1, sample 48/96" in stdout
+    assert same_weights(torch.load(tmp_path / "full_dist_64.pth", weights_only=True), distillation_run.trained)
+    logged = ("step", "loss", "lr", "ce", "kl")
+    assert [tuple(r[k] for k in logged) for r in read_metrics(tmp_path / "full_dist_64_metrics.jsonl")] == [
+        tuple(r[k] for k in logged) for r in distillation_run.rows]
+
+
+@pytest.mark.slow
+def test_distillation_runs_under_torchrun(distillation_run, tmp_path):
+    """Two processes (gloo) with the teacher equal to the student's starting weights: the first step's KL is 0."""
+    stdout = run([*TORCHRUN_2, "train_distillation.py", *DISTILL_RUN, "--data_path", str(distillation_run.train_file),
+                  "--from_weight", str(distillation_run.start_file), "--teacher_weight", str(distillation_run.start_file),
+                  *(f"--teacher_{flag[2:]}" if flag.startswith("--") else flag for flag in TINY_FLAGS),
+                  "--alpha", "0.5", "--batch_size", "4", "--max_steps", "2", "--out_dir", str(tmp_path)])
     assert "replicas in sync across 2 ranks" in stdout and stdout.count("step 2/2") == 1
-    first = read_metrics(ddp / "full_dist_64_metrics.jsonl")[0]
+    first = read_metrics(tmp_path / "full_dist_64_metrics.jsonl")[0]
     assert first["kl"] == 0.0 and first["loss"] == pytest.approx(0.5 * first["ce"], rel=1e-6)
-    tiny_model(torch.load(ddp / "full_dist_64.pth", weights_only=True))  # a complete state dict (strict load)
+    tiny_model(torch.load(tmp_path / "full_dist_64.pth", weights_only=True))  # a complete state dict (strict load)

@@ -9,16 +9,18 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from conftest import ROOT, TOKENIZER_DIR
+from conftest import CPU_FP32, ROOT, TINY_FLAGS, TORCHRUN_2, run, subprocess_env, write_lines
 from model.dataset import PretrainDataset
-from test_train_runs import CPU_FP32, TINY_MODEL, run, subprocess_env, write_lines
 
-TOLERANCE = 1e-5  # float32 weights after 4 AdamW steps of lr <= 5e-4; observed differences are ~6e-7
-RUN = [*CPU_FP32, *TINY_MODEL, "--max_seq_len", "32", "--accumulation_steps", "2", "--log_interval", "1",
+pytestmark = pytest.mark.slow  # every test here launches torchrun (and DeepSpeed) processes
+
+# float32 weights after 4 AdamW steps of lr <= 5e-4. Summation order differs between one process and two, and
+# Adam's normalisation amplifies that for rarely seen tokens' embeddings (observed: 1.2e-5); a rank that read other
+# samples than the single process would differ by about the learning rate.
+TOLERANCE = 5e-5
+RUN = [*CPU_FP32, *TINY_FLAGS, "--max_seq_len", "32", "--accumulation_steps", "2", "--log_interval", "1",
        "--save_interval", "2", "--num_workers", "0"]
-TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def max_difference(a_file, b_file) -> float:
@@ -27,19 +29,20 @@ def max_difference(a_file, b_file) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.fixture
-def data_and_reference(tmp_path, shared_data):
+@pytest.fixture(scope="module")
+def data_and_reference(tmp_path_factory, shared_data, tokenizer):
     """72 texts that all fill max_seq_len, and the single-process run (batch 4) every distributed run must match."""
-    data = write_lines(shared_data / "pretrain_mini.jsonl", tmp_path / "pretrain_72.jsonl", 0, 72)
-    dataset = PretrainDataset(data, AutoTokenizer.from_pretrained(TOKENIZER_DIR), max_length=32)
+    folder = tmp_path_factory.mktemp("distributed")
+    data = write_lines(shared_data / "pretrain_mini.jsonl", folder / "pretrain_72.jsonl", 0, 72)
+    dataset = PretrainDataset(data, tokenizer, max_length=32)
     assert all(float(dataset[i][2].sum()) == 31 for i in range(len(dataset)))  # the premise of the comparison
-    reference = tmp_path / "single"
+    reference = folder / "single"
     run([sys.executable, "train_pretrain.py", *RUN, "--data_path", str(data), "--out_dir", str(reference),
          "--batch_size", "4", "--max_steps", "4"])
     return data, reference / "pretrain_64.pth"
 
 
-def test_ddp_matches_one_process_and_resumes_with_another_world_size(tmp_path, data_and_reference):
+def test_ddp_matches_one_process(tmp_path, data_and_reference):
     data, reference = data_and_reference
     ddp = tmp_path / "ddp"
     stdout = run([*TORCHRUN_2, "train_pretrain.py", *RUN, "--data_path", str(data), "--out_dir", str(ddp),
@@ -48,7 +51,10 @@ def test_ddp_matches_one_process_and_resumes_with_another_world_size(tmp_path, d
     assert stdout.count("epoch 1/1 | step 4/4") == 1  # only rank 0 logs
     assert max_difference(ddp / "pretrain_64.pth", reference) < TOLERANCE
 
-    # Stopped after 2 steps by 2 processes, continued by 1 process from the same global sample position.
+
+def test_ddp_run_resumes_with_another_world_size(tmp_path, data_and_reference):
+    """Stopped after 2 steps by 2 processes, continued by 1 process from the same global sample position."""
+    data, reference = data_and_reference
     switched = tmp_path / "switched"
     run([*TORCHRUN_2, "train_pretrain.py", *RUN, "--data_path", str(data), "--out_dir", str(switched),
          "--batch_size", "2", "--max_steps", "2"])
@@ -58,8 +64,9 @@ def test_ddp_matches_one_process_and_resumes_with_another_world_size(tmp_path, d
     assert max_difference(switched / "pretrain_64.pth", reference) < TOLERANCE
 
 
-def test_deepspeed_zero2_trains_saves_and_resumes(tmp_path, data_and_reference):
-    """First run on a machine JIT-builds DeepSpeed's shm op (~90 s, cached in ~/.cache/torch_extensions)."""
+def test_deepspeed_zero2_resumes_from_its_partitioned_checkpoint(tmp_path, data_and_reference):
+    """ZeRO-2 over 2 processes writes partitioned optimizer states; resumed through ds_config.json, the run ends
+    where one process ends. The first run on a machine JIT-builds DeepSpeed's shm op (~90 s, then cached)."""
     data, reference = data_and_reference
     out = tmp_path / "ds"
     command = [*TORCHRUN_2, "train_pretrain.py", *RUN, "--data_path", str(data), "--out_dir", str(out), "--batch_size", "2"]

@@ -8,18 +8,16 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer
 
-from conftest import TOKENIZER_DIR
-from model.checkpoint import MissingInputError
+from conftest import CPU_FP32, TINY_FLAGS, TORCHRUN_2, run, same_weights, tiny_model, weight_differences
+from model.common import MissingInputError
 from model.dataset import DPOCollator, DPODataset
 from model.train_log import read_metrics
-from test_train_distributed import TORCHRUN_2
-from test_train_runs import CPU_FP32, TINY_MODEL, run, same_weights, tiny_model
 import train_dpo
 from train_dpo import dpo_loss, make_dpo_loss, sequence_log_probs
 
@@ -63,11 +61,6 @@ def test_dpo_loss_matches_hand_computation():
 
 # ----------------------------------------------------------------------------------------------------------------
 # Gradients and the frozen reference, through a real model
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
 def preference_slices(shared_data: Path, folder: Path, train: int, held_out: int) -> tuple[Path, Path]:
@@ -114,7 +107,7 @@ def test_the_training_loop_never_changes_the_reference(tmp_path, shared_data):
     torch.manual_seed(0)
     start = tiny_model().state_dict()
     torch.save(start, tmp_path / "start_64.pth")
-    trainer = train_dpo.main([*CPU_FP32, *TINY_MODEL, "--max_seq_len", "64", "--batch_size", "4", "--accumulation_steps",
+    trainer = train_dpo.main([*CPU_FP32, *TINY_FLAGS, "--max_seq_len", "64", "--batch_size", "4", "--accumulation_steps",
                               "1", "--learning_rate", "3e-3", "--num_workers", "0", "--data_path", str(train_file),
                               "--from_weight", str(tmp_path / "start_64.pth"), "--out_dir", str(tmp_path / "out")])
     reference = inspect.getclosurevars(trainer.loss_fn).nonlocals["reference"]
@@ -127,7 +120,7 @@ def test_the_training_loop_never_changes_the_reference(tmp_path, shared_data):
 
 
 def test_bad_beta_and_missing_sft_weights_are_clear_errors(tmp_path, shared_data, capsys):
-    data = ["--data_path", str(shared_data / "dpo_mini.jsonl"), "--out_dir", str(tmp_path), *CPU_FP32, *TINY_MODEL]
+    data = ["--data_path", str(shared_data / "dpo_mini.jsonl"), "--out_dir", str(tmp_path), *CPU_FP32, *TINY_FLAGS]
     with pytest.raises(SystemExit):
         train_dpo.main([*data, "--beta", "0"])
     assert "--beta must be > 0, got 0.0" in capsys.readouterr().err
@@ -140,7 +133,7 @@ def test_bad_beta_and_missing_sft_weights_are_clear_errors(tmp_path, shared_data
 
 # 225 training pairs, 16 per step: 10 steps, the interrupted run stopping at 5. Without dropout the policy equals
 # the reference at the first step, so its logged loss is exactly ln 2 and its rewards are 0.
-DPO_RUN = [*CPU_FP32, *TINY_MODEL, "--max_seq_len", "96", "--batch_size", "16", "--accumulation_steps", "1",
+DPO_RUN = [*CPU_FP32, *TINY_FLAGS, "--max_seq_len", "96", "--batch_size", "16", "--accumulation_steps", "1",
            "--learning_rate", "3e-3", "--beta", str(BETA), "--epochs", "1", "--log_interval", "1", "--save_interval", "5",
            "--num_workers", "0"]
 
@@ -166,46 +159,58 @@ def held_out_margins(policy_state: dict, reference_state: dict, dataset: DPOData
     return margins
 
 
-def test_dpo_run_raises_held_out_rewards_resumes_exactly_and_runs_under_torchrun(tmp_path, shared_data, tokenizer):
-    train_file, held_file = preference_slices(shared_data, tmp_path / "data", 225, 100)
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, shared_data) -> SimpleNamespace:
+    """The uninterrupted 10-step run the other tests compare with, from a fixed random start."""
+    folder = tmp_path_factory.mktemp("dpo")
+    train_file, held_file = preference_slices(shared_data, folder / "data", 225, 100)
     torch.manual_seed(0)
     start = tiny_model().state_dict()
-    start_file = tmp_path / "start_64.pth"
+    start_file = folder / "start_64.pth"
     torch.save(start, start_file)
     command = [sys.executable, "train_dpo.py", *DPO_RUN, "--data_path", str(train_file), "--from_weight", str(start_file)]
-
-    # The uninterrupted 10-step run. Before it every held-out reward is 0 (policy = reference); after it the chosen
-    # replies of unseen pairs win more often than they lose, and the mean margin is positive beyond its noise
-    # (observed: 60% won, margin 0.165 with standard error 0.047).
-    full = tmp_path / "full"
+    full = folder / "full"
     stdout = run([*command, "--out_dir", str(full), "--max_steps", "10"])
-    assert f"from {start_file} (also the frozen reference), 225 preference pairs" in stdout
-    assert "| reward_acc " in stdout and "| reward_margin " in stdout
-    rows = read_metrics(full / "rlhf_64_metrics.jsonl")
+    return SimpleNamespace(command=command, stdout=stdout, start=start, start_file=start_file, train_file=train_file,
+                           held_file=held_file, rows=read_metrics(full / "rlhf_64_metrics.jsonl"),
+                           trained=torch.load(full / "rlhf_64.pth", weights_only=True))
+
+
+@pytest.mark.slow
+def test_dpo_run_raises_held_out_rewards(dpo_run, tokenizer):
+    """Before the run every held-out reward is 0 (policy = reference); after it the chosen replies of unseen pairs
+    win more often than they lose, and the mean margin is positive beyond its noise."""
+    assert f"from {dpo_run.start_file} (also the frozen reference), 225 preference pairs" in dpo_run.stdout
+    assert "| reward_acc " in dpo_run.stdout and "| reward_margin " in dpo_run.stdout
+    rows = dpo_run.rows
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert rows[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
     assert (rows[0]["reward_acc"], rows[0]["reward_margin"]) == (0.0, 0.0)
-    trained = torch.load(full / "rlhf_64.pth", weights_only=True)
-    held = DPODataset(held_file, tokenizer, 96)
-    assert set(held_out_margins(start, start, held)) == {0.0}
-    margins = torch.tensor(held_out_margins(trained, start, held), dtype=torch.float64)
+    held = DPODataset(dpo_run.held_file, tokenizer, 96)
+    assert set(held_out_margins(dpo_run.start, dpo_run.start, held)) == {0.0}
+    margins = torch.tensor(held_out_margins(dpo_run.trained, dpo_run.start, held), dtype=torch.float64)
     accuracy, margin, standard_error = float((margins > 0).double().mean()), float(margins.mean()), float(margins.std() / len(margins) ** 0.5)
     assert accuracy > 0.5 and margin > 2 * standard_error, (accuracy, margin, standard_error)
 
-    # Stopped after 5 steps and resumed to 10: bit-identical weights and the same logged losses and rewards.
-    resumed = tmp_path / "resumed"
-    run([*command, "--out_dir", str(resumed), "--max_steps", "5"])
-    stdout = run([*command, "--out_dir", str(resumed), "--max_steps", "10", "--resume", "1"])
-    assert "at step 5 (epoch 1, sample 80/225" in stdout
-    assert same_weights(torch.load(resumed / "rlhf_64.pth", weights_only=True), trained)
-    logged = ("step", "loss", "lr", "reward_acc", "reward_margin")
-    assert [tuple(r[k] for k in logged) for r in read_metrics(resumed / "rlhf_64_metrics.jsonl")] == [
-        tuple(r[k] for k in logged) for r in rows]
 
-    # Two processes (gloo), 4 pairs each per step: both replicas end equal and rank 0 writes the weights.
-    ddp = tmp_path / "ddp"
-    stdout = run([*TORCHRUN_2, "train_dpo.py", *DPO_RUN, "--data_path", str(train_file), "--from_weight", str(start_file),
-                  "--batch_size", "4", "--max_steps", "2", "--out_dir", str(ddp)])
+@pytest.mark.slow
+def test_dpo_stop_and_resume_is_bit_identical(dpo_run, tmp_path):
+    """Stopped after 5 steps and resumed to 10: the same weights and the same logged losses and rewards."""
+    run([*dpo_run.command, "--out_dir", str(tmp_path), "--max_steps", "5"])
+    stdout = run([*dpo_run.command, "--out_dir", str(tmp_path), "--max_steps", "10", "--resume", "1"])
+    assert "at step 5 (epoch 1, sample 80/225" in stdout
+    resumed = torch.load(tmp_path / "rlhf_64.pth", weights_only=True)
+    assert same_weights(resumed, dpo_run.trained), weight_differences(resumed, dpo_run.trained)
+    logged = ("step", "loss", "lr", "reward_acc", "reward_margin")
+    assert [tuple(r[k] for k in logged) for r in read_metrics(tmp_path / "rlhf_64_metrics.jsonl")] == [
+        tuple(r[k] for k in logged) for r in dpo_run.rows]
+
+
+@pytest.mark.slow
+def test_dpo_runs_under_torchrun(dpo_run, tmp_path):
+    """Two processes (gloo), 4 pairs each per step: both replicas end equal and rank 0 writes the weights."""
+    stdout = run([*TORCHRUN_2, "train_dpo.py", *DPO_RUN, "--data_path", str(dpo_run.train_file), "--from_weight",
+                  str(dpo_run.start_file), "--batch_size", "4", "--max_steps", "2", "--out_dir", str(tmp_path)])
     assert "replicas in sync across 2 ranks" in stdout and stdout.count("step 2/2") == 1
-    tiny_model(torch.load(ddp / "rlhf_64.pth", weights_only=True))  # a complete state dict (strict load)
-    assert torch.load(ddp / "rlhf_64_resume.pth", weights_only=True)["world_size"] == 2
+    tiny_model(torch.load(tmp_path / "rlhf_64.pth", weights_only=True))  # a complete state dict (strict load)
+    assert torch.load(tmp_path / "rlhf_64_resume.pth", weights_only=True)["world_size"] == 2

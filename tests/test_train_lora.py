@@ -16,28 +16,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer
 
 import train_full_sft
 import train_lora
-from conftest import TOKENIZER_DIR
-from model.checkpoint import MissingInputError
+from conftest import (
+    CPU_FP32, TINY_FLAGS, TORCHRUN_2, jsonl_lines, one_thread, run, same_weights, tiny_model,
+    write_jsonl,
+)
+from model.common import MissingInputError
 from model.dataset import SFTDataset
 from model.model_lora import attach_lora_file
 from model.model import MiniMindLM
 from model.train_log import read_metrics
 from scripts import convert_model
-from test_train_distributed import TORCHRUN_2
-from conftest import jsonl_lines
-from test_train_reason import one_thread, write_jsonl
-from test_train_runs import CPU_FP32, TINY_MODEL, run, same_weights, tiny_model
 
-SHORT_RUN = [*CPU_FP32, *TINY_MODEL, "--max_seq_len", "128", "--batch_size", "8", "--num_workers", "0"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+SHORT_RUN = [*CPU_FP32, *TINY_FLAGS, "--max_seq_len", "128", "--batch_size", "8", "--num_workers", "0"]
 
 
 def write_records(records: list[dict], path: Path) -> Path:
@@ -88,21 +81,25 @@ def greedy_replies(model: MiniMindLM, tokenizer, questions: list[str]) -> list[s
     return replies
 
 
+SELF_NAMING = ("I am {}", "我是 {}", "我叫 {}", "我名为 {}", "作为 {}")  # the phrasings of the identity data
+
+
 def names_itself(reply: str, name: str) -> bool:
-    return f"I am {name}" in reply or f"我是 {name}" in reply
+    return any(phrase.format(name) in reply for phrase in SELF_NAMING)
 
 
 def documented_merge(base_file: Path, adapter_file: Path, merged_file: Path) -> None:
     """Run the merge command that train_lora.py's docstring documents, with this test's model size and paths."""
     assert "convert_model.py merge_lora --weight" in train_lora.__doc__
     convert_model.main(["merge_lora", "--weight", str(base_file), "--lora", str(adapter_file), "--out", str(merged_file),
-                        "--n_layers", "2", "--n_heads", "8", "--n_kv_heads", "2"])
+                        *TINY_FLAGS[2:]])  # the architecture flags but --dim, which merge_lora reads from the weights
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The adapter learns the identity; the base is untouched; reload and merge reproduce the trained model
 
 
+@pytest.mark.slow
 def test_adapter_changes_the_identity_and_leaves_the_base_untouched(tmp_path, shared_data, tokenizer, monkeypatch, capsys):
     records = identity_records(shared_data)
     train = [r for i, r in enumerate(records) if i % 8 != 3]  # 80 conversations
@@ -177,7 +174,7 @@ def test_adapter_changes_the_identity_and_leaves_the_base_untouched(tmp_path, sh
 # 40 conversations, 4 per micro-batch x 2 accumulation = 8 per step: 5 steps per epoch, 10 over 2 epochs. The
 # interrupted run stops at step 4 and resumes to 8, across the epoch boundary; dropout makes the RNG state matter.
 # The base is a random model.
-RESUME_RUN = [*CPU_FP32, *TINY_MODEL, "--max_seq_len", "64", "--batch_size", "4", "--accumulation_steps", "2",
+RESUME_RUN = [*CPU_FP32, *TINY_FLAGS, "--max_seq_len", "64", "--batch_size", "4", "--accumulation_steps", "2",
               "--epochs", "2", "--dropout", "0.1", "--learning_rate", "1e-2", "--log_interval", "1", "--save_interval", "3",
               "--num_workers", "0"]
 
@@ -190,6 +187,7 @@ def random_base_and_data(tmp_path, shared_data) -> tuple[Path, Path]:
     return base_file, write_records(identity_records(shared_data)[:40], tmp_path / "identity_40.jsonl")
 
 
+@pytest.mark.slow
 def test_stop_and_resume_is_bit_identical(tmp_path, random_base_and_data):
     base_file, data = random_base_and_data
     command = [*RESUME_RUN, "--data_path", str(data), "--from_weight", str(base_file)]
@@ -209,6 +207,7 @@ def test_stop_and_resume_is_bit_identical(tmp_path, random_base_and_data):
     assert [(r["loss"], r["lr"]) for r in ours] == [(r["loss"], r["lr"]) for r in theirs]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_with_every_linear_adapted(tmp_path, random_base_and_data):
     base_file, data = random_base_and_data
     out = tmp_path / "ddp"
@@ -220,11 +219,11 @@ def test_torchrun_two_processes_with_every_linear_adapted(tmp_path, random_base_
     adapter = torch.load(out / "lora" / "lora_all_64.pth", weights_only=True)
     linears = [f"attention.{w}" for w in ("wq", "wk", "wv", "wo")] + [f"feed_forward.{w}" for w in ("w1", "w2", "w3")]
     assert set(adapter) == {f"layers.{i}.{linear}.lora.{m}.weight" for i in range(2) for linear in linears for m in "AB"}
-    assert adapter["layers.1.attention.wk.lora.B.weight"].shape == (16, 4)  # 2 kv heads x 8 dims
+    assert adapter["layers.1.attention.wk.lora.B.weight"].shape == (32, 4)  # 2 kv heads x 16 dims
     assert torch.load(out / "lora" / "lora_all_64_resume.pth", weights_only=True)["world_size"] == 2
 
 
 def test_default_start_needs_the_full_sft_weights(tmp_path, shared_data):
     data = write_records(identity_records(shared_data)[:8], tmp_path / "identity_8.jsonl")
     with pytest.raises(MissingInputError, match=r"full_sft_64\.pth not found: run train_full_sft\.py first"):
-        train_lora.main([*CPU_FP32, *TINY_MODEL, "--data_path", str(data), "--out_dir", str(tmp_path / "empty")])
+        train_lora.main([*CPU_FP32, *TINY_FLAGS, "--data_path", str(data), "--out_dir", str(tmp_path / "empty")])

@@ -8,43 +8,21 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import train_distill_reason
-from conftest import TOKENIZER_DIR, jsonl_lines
-from model.checkpoint import MissingInputError
+from conftest import (
+    CPU_FP32, TINY_FLAGS, TOKENIZER_DIR, TORCHRUN_2, jsonl_lines, one_thread, run, same_weights, tiny_model, write_jsonl,
+)
+from model.common import MissingInputError
 from model.dataset import PadCollator, SFTDataset, render_conversation
 from model.model import MiniMindLM
 from model.train_log import read_metrics
-from test_train_distributed import TORCHRUN_2
-from test_train_runs import CPU_FP32, TINY_MODEL, run, same_weights, tiny_model
 
 THINK, END_THINK, ANSWER, END_ANSWER = 3, 4, 5, 6  # the tag ids of the shipped tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-
-
-@contextmanager
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def write_jsonl(lines: list[str], path: Path) -> Path:
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,7 +95,7 @@ def train_from_scratch(data: Path, out: Path) -> MiniMindLM:
     """100 steps (2 epochs of 400 conversations) from random weights with the default --tag_weight (10)."""
     with one_thread():
         trainer = train_distill_reason.main([
-            *CPU_FP32, *TINY_MODEL, "--data_path", str(data), "--out_dir", str(out), "--from_weight", "none",
+            *CPU_FP32, *TINY_FLAGS, "--data_path", str(data), "--out_dir", str(out), "--from_weight", "none",
             "--max_seq_len", "128", "--batch_size", "8", "--epochs", "2", "--learning_rate", "5e-3",
             "--warmup_iters", "5", "--log_interval", "10", "--num_workers", "0"])
     assert trainer.step == 100
@@ -138,6 +116,7 @@ def tag_accuracy(model: MiniMindLM, tokenizer, lines: list[str]) -> dict[int, fl
     return {tag: right / total for tag, (right, total) in hits.items()}
 
 
+@pytest.mark.slow
 def test_short_run_learns_to_think_then_answer(tmp_path, shared_data, tokenizer, capsys):
     data = write_jsonl(short_r1_conversations(tokenizer, shared_data, 400), tmp_path / "r1_train.jsonl")
     model = train_from_scratch(data, tmp_path / "out")
@@ -169,11 +148,12 @@ def test_short_run_learns_to_think_then_answer(tmp_path, shared_data, tokenizer,
 
 # 40 conversations, 4 per micro-batch x 2 accumulation = 8 per step: 5 steps per epoch, 10 over 2 epochs. The
 # interrupted run stops at step 4 and resumes to 8, across the epoch boundary; dropout makes the RNG state matter.
-RESUME_RUN = [*CPU_FP32, *TINY_MODEL, "--from_weight", "none", "--max_seq_len", "64", "--batch_size", "4",
+RESUME_RUN = [*CPU_FP32, *TINY_FLAGS, "--from_weight", "none", "--max_seq_len", "64", "--batch_size", "4",
               "--accumulation_steps", "2", "--epochs", "2", "--dropout", "0.1", "--learning_rate", "2e-3",
               "--log_interval", "1", "--save_interval", "3", "--num_workers", "0"]
 
 
+@pytest.mark.slow
 def test_stop_and_resume_is_bit_identical(tmp_path, shared_data):
     data = write_jsonl(jsonl_lines(shared_data / "r1_mini.jsonl")[:40], tmp_path / "r1_40.jsonl")
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
@@ -193,6 +173,7 @@ def test_stop_and_resume_is_bit_identical(tmp_path, shared_data):
     assert [(r["loss"], r["lr"]) for r in ours] == [(r["loss"], r["lr"]) for r in theirs]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path, shared_data):
     data = write_jsonl(jsonl_lines(shared_data / "r1_mini.jsonl")[:40], tmp_path / "r1_40.jsonl")
     out = tmp_path / "ddp"
@@ -208,4 +189,4 @@ def test_torchrun_two_processes(tmp_path, shared_data):
 def test_default_start_needs_the_dpo_weights(tmp_path, shared_data):
     data = write_jsonl(jsonl_lines(shared_data / "r1_mini.jsonl")[:8], tmp_path / "r1_8.jsonl")
     with pytest.raises(MissingInputError, match=r"rlhf_64\.pth not found: run train_dpo\.py first"):
-        train_distill_reason.main([*CPU_FP32, *TINY_MODEL, "--data_path", str(data), "--out_dir", str(tmp_path / "empty")])
+        train_distill_reason.main([*CPU_FP32, *TINY_FLAGS, "--data_path", str(data), "--out_dir", str(tmp_path / "empty")])

@@ -3,7 +3,6 @@ the loss falls on held-out data, resume is bit-exact, a SIGKILL during a checkpo
 steps since the previous checkpoint, and wandb offline / metrics / loss plot are written."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,44 +14,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from conftest import ROOT, TOKENIZER_DIR, jsonl_lines
-from model.checkpoint import WRITE_PAUSE_ENV
+from conftest import (
+    CPU_FP32, ROOT, TINY_FLAGS, TOKENIZER_DIR, run, same_weights, subprocess_env, tiny_model, write_lines,
+)
 from model.dataset import PretrainDataset, SFTDataset
-from model.LMConfig import LMConfig
 from model.model import MiniMindLM
 from model.train_log import read_metrics
 
-TINY_MODEL = ["--dim", "64", "--n_layers", "2", "--n_heads", "8", "--n_kv_heads", "2"]
-CPU_FP32 = ["--device", "cpu", "--dtype", "float32"]
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """The test process's environment, offline, without an inherited checkpoint-pause hook, plus `extra`."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
-    env.pop(WRITE_PAUSE_ENV, None)
-    env.update(extra)
-    return env
-
-
-def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> str:
-    result = subprocess.run(args, cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result.stdout
-
-
-def write_lines(source: Path, destination: Path, start: int, stop: int) -> Path:
-    """A slice of a shared data file in the test's temp folder (never in the repository)."""
-    lines = jsonl_lines(source)[start:stop]
-    assert len(lines) == stop - start
-    destination.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return destination
-
-
-def tiny_model(state_dict: dict | None = None) -> MiniMindLM:
-    model = MiniMindLM(LMConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=6400)).eval()
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=True)
-    return model
 
 
 @torch.no_grad()
@@ -67,20 +35,17 @@ def held_out_loss(model: MiniMindLM, dataset) -> float:
     return total / count
 
 
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Loss falls; wandb offline, metrics file and plot
 
 
+@pytest.mark.slow
 def test_pretrain_then_sft_lower_held_out_loss(tmp_path, shared_data):
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     pretrain_file = shared_data / "pretrain_mini.jsonl"
     sft_file = shared_data / "sft_mini.jsonl"
     out = tmp_path / "out"
-    common = [*CPU_FP32, *TINY_MODEL, "--max_seq_len", "128", "--batch_size", "8", "--accumulation_steps", "1",
+    common = [*CPU_FP32, *TINY_FLAGS, "--max_seq_len", "128", "--batch_size", "8", "--accumulation_steps", "1",
               "--warmup_iters", "10", "--log_interval", "10", "--num_workers", "0", "--out_dir", str(out)]
 
     # Pretrain: 800 samples / batch 8 = 100 optimizer steps, held-out texts from the end of the file.
@@ -121,7 +86,7 @@ def test_pretrain_then_sft_lower_held_out_loss(tmp_path, shared_data):
 # 72 samples, 4 per micro-batch x 2 accumulation = 8 per step -> 9 steps per epoch, 18 over 2 epochs. The runs
 # stop at step 12, past the epoch boundary; the interrupted ones stop at 6 first. Dropout makes the torch RNG
 # matter, so restoring it is tested too.
-RESUME_RUN = [*CPU_FP32, *TINY_MODEL, "--max_seq_len", "64", "--batch_size", "4", "--accumulation_steps", "2",
+RESUME_RUN = [*CPU_FP32, *TINY_FLAGS, "--max_seq_len", "64", "--batch_size", "4", "--accumulation_steps", "2",
               "--epochs", "2", "--dropout", "0.1", "--learning_rate", "2e-3", "--warmup_iters", "2",
               "--log_interval", "1", "--save_interval", "4"]
 _reference_cache: dict[Path, Path] = {}
@@ -144,6 +109,7 @@ def reference_run(shared_data: Path, tmp_path_factory) -> Path:
     return _reference_cache[data]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_stop_and_resume_is_bit_identical(tmp_path, tmp_path_factory, shared_data, num_workers):
     reference = reference_run(shared_data, tmp_path_factory)
@@ -172,6 +138,30 @@ def test_stop_and_resume_is_bit_identical(tmp_path, tmp_path_factory, shared_dat
         assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{first['wandb_run_id']}"))) == 2
 
 
+# Runs a script (argv[1:]) with torch.save writing its first bytes, flushing them, and pausing 1.5 s, so that a
+# checkpoint write can be killed half-way.
+SLOW_WRITES = """
+import runpy, sys, time, torch
+real_save = torch.save
+def slow_save(obj, file, *args, **kwargs):
+    class Pausing:
+        def __init__(self): self.paused = False
+        def write(self, data):
+            written = file.write(data)
+            if not self.paused:
+                self.paused = True
+                file.flush()
+                time.sleep(1.5)
+            return written
+        def flush(self): file.flush()
+    return real_save(obj, Pausing(), *args, **kwargs)
+torch.save = slow_save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, tmp_path_factory, shared_data):
     reference = reference_run(shared_data, tmp_path_factory)
     data = resume_data(shared_data, tmp_path_factory)
@@ -179,8 +169,8 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path,
                "--num_workers", "0"]
     resume_file = tmp_path / "pretrain_64_resume.pth"
     # Every checkpoint write pauses 1.5 s after its first bytes: kill the run inside the step-8 resume-file write.
-    process = subprocess.Popen([*command, "--max_steps", "12"], cwd=ROOT, env=subprocess_env(**{WRITE_PAUSE_ENV: "1.5"}),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    paused = [sys.executable, "-c", SLOW_WRITES, *command[1:], "--max_steps", "12"]
+    process = subprocess.Popen(paused, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     killed_mid_write = False
     while time.time() < deadline and process.poll() is None:

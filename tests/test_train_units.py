@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from model.backend import autocast_context, build_optimizer, make_grad_scaler
 from model.checkpoint import (
-    WRITE_PAUSE_ENV,
     atomic_save,
     capture_rng_state,
     load_trainable_state_dict,
@@ -25,7 +25,8 @@ from model.checkpoint import (
     trainable_state_dict,
     weights_path,
 )
-from model.cli import parse_training_args, str2bool, training_parser
+from model.cli import parse_training_args, str2bool, train_settings, training_parser
+from model.common import WeightsMismatchError
 from model.dataset import PadCollator
 from model.LMConfig import LMConfig
 from model.model import MiniMindLM
@@ -33,20 +34,19 @@ from model.train_log import MetricsFile, RunLogger, format_duration, format_log_
 from model.trainer import (
     GlobalBatchSampler,
     Trainer,
-    autocast_context,
-    build_optimizer,
+    TrainSettings,
     causal_lm_loss,
     epoch_permutation,
     lr_at,
-    make_grad_scaler,
     masked_cross_entropy,
 )
 from model.distributed import DistContext, deepspeed_config
 
+import conftest
 from conftest import ROOT
 
 CPU = torch.device("cpu")
-TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64)
+TINY = {**conftest.TINY, "vocab_size": 64}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -114,10 +114,9 @@ def tiny_dataset(n: int, length: int, seed: int = 0) -> list[tuple[torch.Tensor,
 @pytest.mark.parametrize("dtype_name, expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)])
 def test_training_loop_runs_the_model_in_the_requested_dtype(tmp_path, dtype_name, expected):
     """The loop itself (not just the helper) computes the forward in the --dtype asked for; the weights stay
-    float32 masters and float16 goes through the GradScaler."""
-    args = parse(["--device", "cpu", "--dtype", dtype_name, "--batch_size", "2", "--accumulation_steps", "2",
-                  "--max_steps", "3", "--log_interval", "1", "--out_dir", str(tmp_path), "--num_workers", "0",
-                  "--save_dtype", dtype_name])
+    float32 masters and float16 goes through the GradScaler. (Settings built directly, without the parser.)"""
+    settings = TrainSettings(dtype=dtype_name, batch_size=2, accumulation_steps=2, max_steps=3, log_interval=1,
+                             save_dtype=dtype_name)
     seen_dtypes = []
 
     def recording_loss(model, batch):
@@ -128,15 +127,16 @@ def test_training_loop_runs_the_model_in_the_requested_dtype(tmp_path, dtype_nam
     torch.manual_seed(0)
     model = MiniMindLM(LMConfig(**TINY))
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
-    trainer = Trainer(args, ctx, model, tiny_dataset(16, 8), PadCollator(0), recording_loss, weights_file=tmp_path / "t.pth")
+    trainer = Trainer(settings, ctx, model, tiny_dataset(16, 8), PadCollator(0), recording_loss,
+                      weights_file=tmp_path / "t.pth")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.fit()
     assert seen_dtypes == [expected] * 6  # 3 steps x 2 micro-batches
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert trainer.scaler.is_enabled() == (dtype_name == "float16")
+    assert trainer.backend.scaler.is_enabled() == (dtype_name == "float16")
     if dtype_name == "float16":
-        assert trainer.scaler.get_scale() > 0
+        assert trainer.backend.scaler.get_scale() > 0
     rows = read_metrics(tmp_path / "t_metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
     saved = torch.load(tmp_path / "t.pth", weights_only=True)  # --save_dtype: the weights file's precision
@@ -151,7 +151,8 @@ def test_moe_balancing_loss_is_trained_and_logged(tmp_path):
     model = MiniMindLM(LMConfig(**TINY, use_moe=True))
     gate_before = model.layers[0].feed_forward.gate.weight.detach().clone()
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
-    Trainer(args, ctx, model, tiny_dataset(8, 8), PadCollator(0), causal_lm_loss, weights_file=tmp_path / "moe.pth").fit()
+    Trainer(train_settings(args), ctx, model, tiny_dataset(8, 8), PadCollator(0), causal_lm_loss,
+            weights_file=tmp_path / "moe.pth").fit()
     rows = read_metrics(tmp_path / "moe_metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(r["aux_loss"] > 0 for r in rows)
     assert not torch.equal(model.layers[0].feed_forward.gate.weight, gate_before)
@@ -267,21 +268,29 @@ def _umask() -> int:
     return current
 
 
-def test_write_pause_hook_leaves_a_partial_temp_file_and_stale_temps_are_removed(tmp_path, monkeypatch):
-    """The crash test's hook: the pause happens after real bytes are on disk; cleanup removes only temp files."""
+def test_an_interrupted_write_leaves_only_a_temp_file_and_stale_temps_are_removed(tmp_path, monkeypatch):
+    """While a checkpoint is being written, only the temp file holds bytes (the real name appears at the rename);
+    cleanup removes temp files of that name only. The write is paused by a torch.save that waits after its
+    first bytes."""
     import threading
-    import time
 
-    monkeypatch.setenv(WRITE_PAUSE_ENV, "2.0")
+    written, release = threading.Event(), threading.Event()
+    real_save = torch.save
+
+    def pausing_save(obj, file):
+        real_save(obj, file)
+        file.flush()
+        written.set()
+        release.wait(30)
+
+    monkeypatch.setattr(torch, "save", pausing_save)
     path = tmp_path / "r.pth"
     thread = threading.Thread(target=atomic_save, args=({"x": torch.zeros(10_000)}, path))
     thread.start()
-    deadline = time.time() + 30
-    temps = []
-    while time.time() < deadline and not temps:
-        temps = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-r.pth.") and p.stat().st_size > 0]
-        time.sleep(0.02)
-    assert temps and not path.exists()
+    assert written.wait(30)
+    temps = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-r.pth.")]
+    assert len(temps) == 1 and temps[0].stat().st_size > 0 and not path.exists()
+    release.set()
     thread.join()
     assert path.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     (tmp_path / ".tmp-r.pth.123.abcd").write_bytes(b"torn")
@@ -319,7 +328,7 @@ def test_trainable_state_round_trip_and_mismatch_error(tmp_path):
     load_trainable_state_dict(target, state, tmp_path / "r.pth")
     assert all(torch.equal(target.state_dict()[k], v) for k, v in state.items())
     everything_trainable = MiniMindLM(LMConfig(**TINY))
-    with pytest.raises(RuntimeError, match="different trainable parameters"):
+    with pytest.raises(WeightsMismatchError, match="written for other trainable parameters"):
         load_trainable_state_dict(everything_trainable, state, tmp_path / "r.pth")
 
 

@@ -20,11 +20,12 @@ from streamlit.testing.v1 import AppTest
 import model.inference
 from model.hf_minimind import save_hf_folder
 from scripts.web_demo import StreamedReply
+from conftest import TINY_FLAGS
 from test_serve_openai_api import THOUGHT, greedy_reference, load_tiny, scripted_output, write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB_DEMO = ROOT / "scripts" / "web_demo.py"
-TINY_WEB_FLAGS = "--dim 64 --n_layers 2 --n_heads 4 --n_kv_heads 2 --device cpu --max_seq_len 512"
+TINY_WEB_FLAGS = " ".join([*TINY_FLAGS, "--device", "cpu", "--max_seq_len", "512"])
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_hugging_face_folder_gives_the_same_reply_as_its_native_weights(app):
 def test_a_checkpoint_that_does_not_load_shows_an_error(app):
     app.selectbox(key="model").select_index(2).run()
     assert not app.exception
-    assert "rlhf_96.pth" in app.error[0].value and "does not match" in app.error[0].value
+    assert "rlhf_96.pth" in app.error[0].value and "does not fit" in app.error[0].value
     assert len(app.chat_input) == 0  # the page stops before the chat
 
 
@@ -189,6 +190,7 @@ def test_streamed_reply_yields_pieces_as_they_come():
     assert not plain.starts_with_thinking() and list(plain.answering()) == ["x", "y"]
 
 
+@pytest.mark.slow
 def test_headless_streamlit_run_answers_health(out_dir):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -16,6 +16,7 @@ Run (from the repository root, data in ./dataset/r1_mix_1024.jsonl):
     torchrun --nproc_per_node 2 train_distill_reason.py              # DDP on 2 GPUs (gloo on CPU)
     deepspeed --num_gpus 2 train_distill_reason.py --deepspeed ds_config.json
     python train_distill_reason.py --resume 1                        # continue where the last checkpoint left off
+    python train_distill_reason.py --packed 1                        # whole conversations side by side, no padding
 Then chat with the think block shown apart: python eval_model.py --model_mode 3
 """
 from __future__ import annotations
@@ -26,10 +27,10 @@ from transformers import PreTrainedTokenizerBase
 from model.checkpoint import weights_path
 from model.cli import (
     init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, train_settings,
-    training_parser,
+    training_data, training_parser,
 )
 from model.common import ConfigError
-from model.dataset import PadCollator, SFTDataset
+from model.dataset import Batch
 from model.trainer import Trainer, masked_cross_entropy, with_moe_aux_loss
 
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     # Data: conversations whose replies hold the think and answer blocks
     require_data(args, "r1_mix_1024.jsonl")
     tokenizer = load_tokenizer(args)
-    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    dataset, collate = training_data(args, tokenizer, ctx, chat=True)
     tag_ids = torch.tensor(tag_token_ids(tokenizer, args.tokenizer_path), device=ctx.device)
 
     # Model: every weight trained, starting from the DPO weights by default
@@ -96,18 +97,18 @@ def main(argv: list[str] | None = None) -> Trainer:
     config = model.config
     if ctx.is_main:
         print(f"MiniMind reasoning distillation: {model.num_parameters() / 1e6:.3f}M parameters from {origin}, "
-              f"{len(dataset):,} conversations, tag weight {args.tag_weight:g}, {ctx.world_size} process(es) on "
+              f"{len(dataset):,} samples, tag weight {args.tag_weight:g}, {ctx.world_size} process(es) on "
               f"{ctx.device}", flush=True)
 
-    def reasoning_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def reasoning_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The tag-weighted reply loss plus the MoE balancing loss (0 for dense models)."""
         inputs, labels, loss_mask = batch  # (B, T) each
-        out = model(inputs)
+        out = model(inputs, document_ids=batch.document_ids)
         return with_moe_aux_loss(tag_weighted_loss(out.logits, labels, loss_mask, tag_ids, args.tag_weight), out)
 
     # Loop and save
     trainer = Trainer(
-        train_settings(args), ctx, model, dataset, PadCollator(tokenizer.pad_token_id), reasoning_loss,
+        train_settings(args), ctx, model, dataset, collate, reasoning_loss,
         weights_file=weights_path(args.out_dir, "reason", config),
     )
     trainer.fit()

@@ -23,6 +23,7 @@ Run (from the repository root, data in ./dataset/sft_mini_512.jsonl):
     torchrun --nproc_per_node 2 train_distillation.py               # DDP on 2 GPUs (gloo on CPU)
     deepspeed --num_gpus 2 train_distillation.py --deepspeed ds_config.json
     python train_distillation.py --resume 1                         # continue where the last checkpoint left off
+    python train_distillation.py --packed 1                         # whole conversations side by side, no padding
 """
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ from model.checkpoint import load_weights, resolve_from_weight, weights_path
 from model.common import MissingInputError
 from model.cli import (
     init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, str2bool,
-    train_settings, training_parser,
+    train_settings, training_data, training_parser,
 )
-from model.dataset import PadCollator, SFTDataset
+from model.dataset import Batch
 from model.LMConfig import LMConfig
 from model.model import MiniMindLM
 from model.trainer import LossFn, Trainer, masked_cross_entropy, with_moe_aux_loss
@@ -91,11 +92,11 @@ def student_state_from_teacher(teacher_state: dict[str, torch.Tensor], blocks: l
 def make_distillation_loss(teacher: nn.Module, alpha: float, temperature: float) -> LossFn:
     """The Trainer's loss function: the student (the model being trained) against the frozen `teacher`."""
 
-    def distillation_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+    def distillation_step(model: nn.Module, batch: Batch):
         inputs, labels, loss_mask = batch  # (B, T) each
-        with torch.no_grad():
-            teacher_logits = teacher(inputs).logits  # (B, T, V)
-        out = model(inputs)
+        with torch.no_grad():  # packed rows: the teacher, too, reads each document alone
+            teacher_logits = teacher(inputs, document_ids=batch.document_ids).logits  # (B, T, V)
+        out = model(inputs, document_ids=batch.document_ids)
         loss, ce, kl = distillation_loss(out.logits, teacher_logits, labels, loss_mask, alpha, temperature)
         return with_moe_aux_loss(loss, out, {"ce": ce.detach(), "kl": kl.detach()})
 
@@ -151,10 +152,10 @@ def main(argv: list[str] | None = None) -> Trainer:
     # Init: processes, device, seed
     ctx = init_run(args)
 
-    # Data: SFT conversations; the loss covers the assistant replies only
+    # Data: SFT conversations (one per sample, or packed with --packed 1); the loss covers the assistant replies only
     require_data(args, "sft_mini_512.jsonl")
     tokenizer = load_tokenizer(args)
-    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    dataset, collate = training_data(args, tokenizer, ctx, chat=True)
 
     # Student: every weight trained, from the SFT weights of its size
     model, origin = model_from_args(args, vocab_size=len(tokenizer))
@@ -180,12 +181,12 @@ def main(argv: list[str] | None = None) -> Trainer:
     if ctx.is_main:
         print(f"MiniMind distillation: student {model.num_parameters() / 1e6:.3f}M parameters from {origin}, teacher "
               f"{teacher.num_parameters() / 1e6:.3f}M from {teacher_weights}, alpha {args.alpha}, temperature "
-              f"{args.temperature}, {len(dataset):,} conversations, {ctx.world_size} process(es) on {ctx.device}",
+              f"{args.temperature}, {len(dataset):,} samples, {ctx.world_size} process(es) on {ctx.device}",
               flush=True)
 
     # Loop and save
     trainer = Trainer(
-        train_settings(args), ctx, model, dataset, PadCollator(tokenizer.pad_token_id),
+        train_settings(args), ctx, model, dataset, collate,
         make_distillation_loss(teacher, args.alpha, args.temperature),
         weights_file=weights_path(args.out_dir, "full_dist", config),
         frozen_models=[teacher],

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         batch_size=4,
         accumulation_steps=1,
         max_seq_len=1024,
+        packing=False,  # a pair's chosen and rejected replies are compared row against row
     )
     group = parser.add_argument_group("dpo")
     group.add_argument("--beta", type=float, default=0.1,

@@ -9,15 +9,17 @@ Run (from the repository root, data in ./dataset/sft_mini_512.jsonl):
     torchrun --nproc_per_node 2 train_full_sft.py                   # DDP on 2 GPUs (gloo on CPU)
     deepspeed --num_gpus 2 train_full_sft.py --deepspeed ds_config.json
     python train_full_sft.py --resume 1                             # continue where the last checkpoint left off
+    python train_full_sft.py --packed 1                             # whole conversations side by side, no padding
+    python scripts/pretokenize.py --data_path dataset/sft_mini_512.jsonl --kind chat   # tokenize once, then:
+    python train_full_sft.py --data_path dataset/sft_mini_512.bin --packed 1
     WANDB_MODE=offline python train_full_sft.py --use_wandb 1       # wandb without network (sync later)
 """
 
 from model.checkpoint import weights_path
 from model.cli import (
     init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, train_settings,
-    training_parser,
+    training_data, training_parser,
 )
-from model.dataset import PadCollator, SFTDataset
 from model.trainer import Trainer, causal_lm_loss
 
 
@@ -38,21 +40,21 @@ def main() -> None:
     # Init: processes, device, seed
     ctx = init_run(args)
 
-    # Data
+    # Data: conversations (and replayed text), one per sample or packed with --packed 1
     require_data(args, "sft_mini_512.jsonl")
     tokenizer = load_tokenizer(args)
-    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    dataset, collate = training_data(args, tokenizer, ctx, chat=True)
 
     # Model: the pretrained weights (a missing file stops here and names the stage to run first)
     model, origin = model_from_args(args, vocab_size=len(tokenizer))
     config = model.config
     if ctx.is_main:
         print(f"MiniMind full SFT: {model.num_parameters() / 1e6:.3f}M parameters from {origin}, {len(dataset):,} "
-              f"conversations, {ctx.world_size} process(es) on {ctx.device}", flush=True)
+              f"samples, {ctx.world_size} process(es) on {ctx.device}", flush=True)
 
     # Loop and save
     trainer = Trainer(
-        train_settings(args), ctx, model, dataset, PadCollator(tokenizer.pad_token_id), causal_lm_loss,
+        train_settings(args), ctx, model, dataset, collate, causal_lm_loss,
         weights_file=weights_path(args.out_dir, "full_sft", config),
     )
     trainer.fit()

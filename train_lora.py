@@ -13,6 +13,7 @@ Run (from the repository root, data in ./dataset/lora_identity.jsonl):
     torchrun --nproc_per_node 2 train_lora.py                        # DDP on 2 GPUs (gloo on CPU)
     deepspeed --num_gpus 2 train_lora.py --deepspeed ds_config.json
     python train_lora.py --resume 1                                  # continue where the last checkpoint left off
+    python train_lora.py --packed 1                                  # whole conversations side by side, no padding
 
 Chat with base + adapter (rank and targets are read from the adapter file, which stores the update with its
 scale alpha/rank folded in, so nothing else needs repeating):
@@ -28,9 +29,8 @@ from __future__ import annotations
 
 from model.cli import (
     init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, train_settings,
-    training_parser,
+    training_data, training_parser,
 )
-from model.dataset import PadCollator, SFTDataset
 from model.model_lora import DEFAULT_TARGETS, apply_lora, lora_path, lora_state_dict, parse_targets
 from model.trainer import Trainer, causal_lm_loss
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     # Data: conversations, loss on the assistant replies (as in SFT)
     require_data(args, "lora_identity.jsonl (or lora_medical.jsonl)")
     tokenizer = load_tokenizer(args)
-    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    dataset, collate = training_data(args, tokenizer, ctx, chat=True)
 
     # Model: the chat weights, loaded before the adapters exist (strict keys), then every base weight frozen;
     # only the adapters (A random, B zero: the adapted model starts equal to the base) have requires_grad.
@@ -84,11 +84,11 @@ def main(argv: list[str] | None = None) -> Trainer:
         total = sum(p.numel() for p in model.parameters())
         print(f"MiniMind LoRA '{args.lora_name}': rank {args.lora_rank} on {len(adapted)} linears ({args.lora_targets}), "
               f"{trainable / 1e6:.3f}M trainable of {total / 1e6:.3f}M parameters ({100 * trainable / total:.2f}%), "
-              f"base {origin}, {len(dataset):,} conversations, {ctx.world_size} process(es) on {ctx.device}", flush=True)
+              f"base {origin}, {len(dataset):,} samples, {ctx.world_size} process(es) on {ctx.device}", flush=True)
 
     # Loop and save: the SFT loss; the weights file holds the adapter weights only
     trainer = Trainer(
-        train_settings(args), ctx, model, dataset, PadCollator(tokenizer.pad_token_id), causal_lm_loss,
+        train_settings(args), ctx, model, dataset, collate, causal_lm_loss,
         weights_file=lora_path(args.out_dir, args.lora_name, config.dim),
         export_state_dict=lora_state_dict,
     )

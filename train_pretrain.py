@@ -10,15 +10,18 @@ Run (from the repository root, data in ./dataset/pretrain_hq.jsonl):
     deepspeed --num_gpus 2 train_pretrain.py --deepspeed ds_config.json
     torchrun --nproc_per_node 2 train_pretrain.py --zero_stage 2    # DeepSpeed ZeRO-2 through torchrun
     python train_pretrain.py --resume 1                             # continue where the last checkpoint left off
+    python train_pretrain.py --packed 1                             # whole texts side by side in full rows, no padding
+    python scripts/pretokenize.py --data_path dataset/pretrain_hq.jsonl --kind text   # tokenize once, then:
+    python train_pretrain.py --data_path dataset/pretrain_hq.bin --packed 1
+    python train_pretrain.py --compile 1                            # torch.compile the model (GPU)
     WANDB_MODE=offline python train_pretrain.py --use_wandb 1       # wandb without network (sync later)
 """
 
 from model.checkpoint import weights_path
 from model.cli import (
     init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, train_settings,
-    training_parser,
+    training_data, training_parser,
 )
-from model.dataset import PadCollator, PretrainDataset
 from model.trainer import Trainer, causal_lm_loss
 
 
@@ -38,10 +41,10 @@ def main() -> None:
     # Init: processes, device, seed
     ctx = init_run(args)
 
-    # Data
+    # Data: one text per sample, or with --packed 1 rows of whole texts; jsonl or a pretokenized NAME.bin
     require_data(args, "pretrain_hq.jsonl")
     tokenizer = load_tokenizer(args)
-    dataset = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    dataset, collate = training_data(args, tokenizer, ctx, chat=False)
 
     # Model: random init unless --from_weight names a checkpoint to continue pretraining from
     model, origin = model_from_args(args, vocab_size=len(tokenizer))
@@ -52,7 +55,7 @@ def main() -> None:
 
     # Loop and save
     trainer = Trainer(
-        train_settings(args), ctx, model, dataset, PadCollator(tokenizer.pad_token_id), causal_lm_loss,
+        train_settings(args), ctx, model, dataset, collate, causal_lm_loss,
         weights_file=weights_path(args.out_dir, "pretrain", config),
     )
     trainer.fit()

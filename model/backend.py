@@ -12,6 +12,11 @@ Both offer the same small interface, so `Trainer.fit` is one straight path (as L
 `backend.model` is what the loss function calls (the DDP wrapper or the DeepSpeed engine), `backend.state(tag)`
 returns what a resume file must hold to continue exactly, `backend.load(state)` restores it.
 
+Speed. With --compile the backend compiles the trained model (PyTorch: torch.compile before the DDP wrapper, as
+nanoGPT does; DeepSpeed: engine.compile()), so the loop calls the compiled model without knowing it; weights,
+optimizer and checkpoints keep using the plain module. The first steps (and the first of each new batch shape)
+are slow while it compiles. AdamW runs fused (one kernel for all tensors) on CUDA.
+
 Precision. PyTorch: autocast to --dtype, with a GradScaler for float16 only (its narrow exponent range underflows
 gradients); float32 means no autocast at all. DeepSpeed runs the model in the configured bf16/fp16 itself, so it
 gets no autocast, and the Trainer casts frozen helper models (DPO reference, teacher) to that dtype too.
@@ -32,6 +37,20 @@ from .distributed import DistContext, barrier, deepspeed_config, wrap_ddp
 
 if TYPE_CHECKING:
     from .trainer import TrainSettings
+
+
+def resolve_training_dtype(name: str, device: torch.device) -> str:
+    """What --dtype auto means on this device: bfloat16 autocast on GPUs that have it (float16 on older GPUs), on
+    Macs, and on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX); float32 on other CPUs, where
+    bfloat16 is emulated and a training step gets far slower, not faster (measured on a 2-core AVX2 EPYC: the
+    26M model's backward pass took 50 s in bfloat16 against 1.2 s in float32)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device.type == "cpu" and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return "float32"
+    return "bfloat16"
 
 
 def autocast_context(device: torch.device, dtype_name: str) -> AbstractContextManager:
@@ -79,7 +98,7 @@ class TorchBackend:
         self.module, self.settings, self.ctx = model, settings, ctx
         self.optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay, ctx.device)
         self.scaler = make_grad_scaler(ctx.device, settings.dtype)
-        self.model = wrap_ddp(model, ctx)
+        self.model = wrap_ddp(torch.compile(model) if settings.compile else model, ctx)
         self.autocast()  # an unusable --dtype fails here, before any data is read
 
     def accumulating(self, last: bool) -> AbstractContextManager:
@@ -131,6 +150,8 @@ class DeepSpeedBackend:
         optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay, ctx.device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(settings, ctx.world_size))
+        if settings.compile:
+            self.engine.compile()
         self.model = self.engine
         self.frozen_dtype = torch_dtype(settings.dtype)
         self.last = False

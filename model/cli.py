@@ -11,10 +11,15 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
+from torch.utils.data import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .backend import resolve_training_dtype
 from .checkpoint import load_weights, resolve_from_weight, seed_everything
 from .common import DTYPES, exit_on_input_error, require_file
+from .dataset import (
+    HOW_TO_PRETOKENIZE, Batch, PackedCollator, PackedDataset, PadCollator, open_documents, useful_token_share,
+)
 from .distributed import DistContext, cleanup_distributed, init_distributed, uses_deepspeed
 from .LMConfig import LMConfig
 from .model import MiniMindLM
@@ -67,8 +72,10 @@ def training_parser(
     save_interval: int = 100,
     log_interval: int = 100,
     warmup_iters: int = 0,
+    packing: bool = True,
 ) -> argparse.ArgumentParser:
-    """The shared flags, grouped as in the stage scripts; keyword arguments are this stage's defaults."""
+    """The shared flags, grouped as in the stage scripts; keyword arguments are this stage's defaults.
+    `packing=False` leaves out --packed, for a stage whose samples cannot share a row (DPO's pairs)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     # Output and logging
@@ -83,15 +90,24 @@ def training_parser(
     # Runtime
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
-    group.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="autocast dtype (float16 adds a GradScaler)")
+    group.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                       help="autocast dtype (float16 adds a GradScaler); auto: bfloat16 on GPUs and CPUs with native "
+                            "bfloat16, float16 on older GPUs, float32 on other CPUs")
     group.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
+    group.add_argument("--compile", type=str2bool, default=False,
+                       help="torch.compile the model (1/0): faster steps on GPU after a slow start while it compiles")
     group.add_argument("--seed", type=int, default=1337, help="base seed; rank r seeds its RNGs with seed + r")
 
     # Data
     group = parser.add_argument_group("data")
-    group.add_argument("--data_path", default=data_path, help="training data (jsonl)")
+    group.add_argument("--data_path", default=data_path,
+                       help="training data: jsonl" + (", or NAME.bin from scripts/pretokenize.py" if packing else ""))
     group.add_argument("--tokenizer_path", default=str(DEFAULT_TOKENIZER), help="tokenizer folder")
     group.add_argument("--max_seq_len", type=int, default=max_seq_len, help="tokens per sample (longer ones are cut)")
+    if packing:
+        group.add_argument("--packed", type=str2bool, default=False,
+                           help="pack whole documents side by side into rows of max_seq_len tokens instead of padding "
+                                "each one (1/0); each document still attends only to itself")
 
     # Model
     group = parser.add_argument_group("model")
@@ -158,9 +174,28 @@ MINIMIND_DATASET = ("the MiniMind dataset (https://huggingface.co/datasets/jingy
 
 
 def require_data(args: argparse.Namespace, dataset_file: str) -> Path:
-    """--data_path, which must exist; the error names the MiniMind dataset file to download."""
+    """--data_path, which must exist; the error names the MiniMind dataset file to download (or, for a NAME.bin,
+    how to write it)."""
+    if Path(args.data_path).suffix == ".bin":
+        return require_file(args.data_path, HOW_TO_PRETOKENIZE, "token file")
     return require_file(args.data_path, f"download {dataset_file} from {MINIMIND_DATASET} into ./dataset/, "
                                         "or pass --data_path PATH")
+
+
+def training_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, ctx: DistContext, *,
+                  chat: bool) -> tuple[Dataset, Callable[[list], Batch]]:
+    """The stage's dataset and collator from --data_path, --max_seq_len and --packed: one document per sample,
+    padded (PretrainDataset / SFTDataset for jsonl, PretokenizedDataset for NAME.bin), or with --packed 1 rows of
+    whole documents (PackedDataset). `chat`: the stage trains on conversations (text lines allowed) rather than
+    on pretraining text."""
+    if not args.packed:
+        return open_documents(args.data_path, tokenizer, args.max_seq_len, chat), PadCollator(tokenizer.pad_token_id)
+    dataset = PackedDataset(args.data_path, tokenizer, args.max_seq_len, chat=chat, num_workers=args.num_workers,
+                            progress=ctx.is_main)
+    if ctx.is_main:
+        print(f"packed {len(dataset.documents):,} documents into {len(dataset):,} rows of {dataset.row_length} "
+              f"positions, {useful_token_share(dataset):.1%} of them document tokens", flush=True)
+    return dataset, PackedCollator(tokenizer.pad_token_id, dataset.row_length)
 
 
 def load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
@@ -188,6 +223,7 @@ def init_run(args: argparse.Namespace) -> DistContext:
     """Start-of-stage setup: processes and device, then the same seed on every rank so every replica builds the
     same initial model (the Trainer reseeds per rank before the loop)."""
     ctx = init_distributed(args.device, use_deepspeed=uses_deepspeed(args))
+    args.dtype = resolve_training_dtype(args.dtype, ctx.device)
     seed_everything(args.seed)
     return ctx
 

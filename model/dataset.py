@@ -1,30 +1,50 @@
-"""Datasets for every training stage: lazy jsonl reading, pretrain / SFT / DPO items and the padding collators.
+"""Datasets for every training stage: lazy jsonl reading, pretokenized token files, packing, and the collators.
 
 Files are never read into memory. `JsonlRecords` scans a file once in binary chunks and keeps only the byte offset
 and line number of each non-empty line (numpy arrays, so forked DataLoader workers share them without copying);
-a line is read and parsed when its item is requested, through a file handle opened lazily in each process.
+a line is read and parsed when its item is requested, through a file handle opened lazily in each process. A
+pretokenized file (`scripts/pretokenize.py`) is memory-mapped the same way.
 
-Every item is a next-token triple `(input_ids, labels, loss_mask)` of 1-D tensors of one length: labels are the
-inputs shifted left by one, and loss_mask (float) is 1 where the label counts towards the loss. Items have
-variable length; `PadCollator` pads a batch to its longest item (right padding, mask 0 on padding).
+A document is the token ids of one line with a 0/1 loss mask: `[bos] + text + [eos]` with every token counted
+for pretraining text, the chat-template rendering with only the assistant replies counted for a conversation.
+Every training sample is made of next-token triples `(input_ids, labels, loss_mask)`: labels are the inputs
+shifted left by one, and loss_mask (float) is 1 where the label counts towards the loss. A document longer than
+max_length tokens is cut to its first max_length tokens (max_length - 1 positions).
+
+Two ways to batch documents:
+- padded (`PretrainDataset`, `SFTDataset`, `PretokenizedDataset` + `PadCollator`): one document per sample, a
+  batch right-padded to its longest item;
+- packed (`PackedDataset` + `PackedCollator`): whole documents placed side by side in rows of max_length - 1
+  positions by a fixed plan, with `document_ids` telling the model where each document starts, so a token
+  attends only to its own document and no label crosses a boundary.
+"Useful tokens" are the positions that hold a document token rather than padding, in both ways; tokens/s and the
+useful-token share count those.
 
 For chat data the loss covers exactly the assistant replies - each reply's first token through its end-of-turn
 token (`<|im_end|>` for MiniMind) - and never the prompt, the role headers or the newline between turns.
 `render_conversation` builds those ids and that mask from the tokenizer's own chat template, so the prompt tokens
 are the ones inference produces.
 """
+from __future__ import annotations
+
+import hashlib
 import json
 import os
 import warnings
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .common import ConfigError, DataFormatError, require_file
+from .checkpoint import atomic_write_text
+from .common import ConfigError, DataFormatError, MissingInputError, require_file
 
 CHAT_ROLES = ("system", "user", "assistant")
 INDEX_CHUNK_BYTES = 16 * 1024 * 1024
@@ -32,7 +52,11 @@ _WHITESPACE_BYTES = np.zeros(256, dtype=bool)
 _WHITESPACE_BYTES[[ord(" "), ord("\t"), ord("\r"), ord("\n")]] = True
 
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Document = tuple[Sequence[int], Sequence[int]]  # (token ids, 0/1 loss mask) of one whole document: lists or arrays
 Validator = Callable[[Any], None]
+PADDING_DOCUMENT = -1  # the document id of the padding at the end of a packed row
+TOKEN_FILE_FORMAT = 1
+HOW_TO_PRETOKENIZE = "write it with: python scripts/pretokenize.py --data_path FILE.jsonl --kind text (or chat)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,15 +239,29 @@ class JsonlRecords:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Token sequences
+# Documents and token sequences
 
-def shift_for_next_token(ids: list[int], mask: list[int]) -> Triple:
+def shift_for_next_token(ids: Sequence[int], mask: Sequence[int]) -> Triple:
     """(input_ids, labels, loss_mask) for next-token prediction: position t predicts ids[t+1], counted if mask[t+1]."""
     if len(ids) < 2:
         raise ValueError(f"need at least 2 tokens to form an input/label pair, got {len(ids)}")
     tokens = torch.tensor(ids, dtype=torch.long)  # (T+1,)
     loss_mask = torch.tensor(mask[1:], dtype=torch.float32)  # (T,)
     return tokens[:-1], tokens[1:], loss_mask
+
+
+def document_triple(document: Document, max_length: int) -> Triple:
+    """A document's next-token triple, cut to its first max_length tokens (at most max_length - 1 positions)."""
+    ids, mask = document
+    return shift_for_next_token(ids[:max_length], mask[:max_length])
+
+
+def text_document(tokenizer: PreTrainedTokenizerBase, text: str) -> Document:
+    """[bos] + text + [eos], every token counted."""
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise ConfigError("plain-text samples need a tokenizer with bos_token and eos_token set")
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+    return ids, [1] * len(ids)
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -273,7 +311,54 @@ def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Datasets
+# Datasets of documents, one sample per document
+
+
+def check_max_length(max_length: int) -> None:
+    if max_length < 2:
+        raise ConfigError(f"max_length must be at least 2 (one input and one label), got {max_length}")
+
+
+class DocumentDataset(Dataset, ABC):
+    """Documents, one training sample each: `dataset[i]` is document i's next-token triple cut to max_length tokens.
+    Subclasses say where the documents come from by defining `document(i)`."""
+
+    max_length: int
+
+    @abstractmethod
+    def document(self, index: int) -> Document:
+        """Token ids and loss mask of the whole document `index` (not cut to max_length)."""
+
+    def __getitem__(self, index: int) -> Triple:
+        return document_triple(self.document(index), self.max_length)
+
+    def document_lengths(self, num_workers: int = 0, progress: bool = False) -> np.ndarray:
+        """Token count of every whole document, (N,) int64; tokenizes each document once."""
+        lengths = (len(ids) for ids, _ in iterate_documents(self, num_workers, progress, "measuring documents"))
+        return np.fromiter(lengths, dtype=np.int64, count=len(self))
+
+
+class _WholeDocuments(Dataset):
+    """`documents.document(i)` as a Dataset, so that DataLoader workers can share the tokenizing."""
+
+    def __init__(self, documents: DocumentDataset):
+        self.documents = documents
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def __getitem__(self, index: int) -> Document:
+        return self.documents.document(index)
+
+
+def iterate_documents(documents: DocumentDataset, num_workers: int = 0, progress: bool = False,
+                      description: str = "tokenizing") -> Iterator[Document]:
+    """Every whole document, in order; num_workers > 0 worker processes tokenize ahead. `progress` shows a bar."""
+    loader = DataLoader(_WholeDocuments(documents), batch_size=256, num_workers=num_workers, collate_fn=list)
+    with tqdm(total=len(documents), desc=description, unit=" docs", disable=not progress, dynamic_ncols=True) as bar:
+        for chunk in loader:
+            yield from chunk
+            bar.update(len(chunk))
 
 
 class JsonlDataset(Dataset):
@@ -283,8 +368,7 @@ class JsonlDataset(Dataset):
 
     def __init__(self, data_path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int = 512,
                  skip_invalid: bool = False):
-        if max_length < 2:
-            raise ConfigError(f"max_length must be at least 2 (one input and one label), got {max_length}")
+        check_max_length(max_length)
         self.records = JsonlRecords(data_path, type(self).validate, skip_invalid)
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -297,15 +381,7 @@ class JsonlDataset(Dataset):
         return len(self.records)
 
 
-def text_item(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> Triple:
-    """[bos] + text + [eos], truncated to max_length, every label counted."""
-    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-        raise ConfigError("plain-text samples need a tokenizer with bos_token and eos_token set")
-    ids = [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
-    return shift_for_next_token(ids[:max_length], [1] * min(len(ids), max_length))
-
-
-class PretrainDataset(JsonlDataset):
+class PretrainDataset(JsonlDataset, DocumentDataset):
     """`{"text"}` lines -> [bos] + text + [eos], truncated to max_length, every label counted."""
 
     validate = staticmethod(validate_text_record)
@@ -316,11 +392,11 @@ class PretrainDataset(JsonlDataset):
             raise ConfigError("PretrainDataset needs a tokenizer with bos_token and eos_token set")
         super().__init__(data_path, tokenizer, max_length, skip_invalid)
 
-    def __getitem__(self, index: int) -> Triple:
-        return text_item(self.tokenizer, self.records[index]["text"], self.max_length)
+    def document(self, index: int) -> Document:
+        return text_document(self.tokenizer, self.records[index]["text"])
 
 
-class SFTDataset(JsonlDataset):
+class SFTDataset(JsonlDataset, DocumentDataset):
     """`{"conversations": [...]}` lines -> the chat-template rendering, loss on the assistant replies only.
 
     A line may instead be `{"text": ...}`: pretraining text replayed during fine-tuning, trained on every token as
@@ -331,11 +407,11 @@ class SFTDataset(JsonlDataset):
 
     validate = staticmethod(validate_chat_or_text_record)
 
-    def __getitem__(self, index: int) -> Triple:
+    def document(self, index: int) -> Document:
         record = self.records[index]
         if "conversations" not in record:
-            return text_item(self.tokenizer, record["text"], self.max_length)
-        return shift_for_next_token(*render_conversation(self.tokenizer, record["conversations"], self.max_length))
+            return text_document(self.tokenizer, record["text"])
+        return render_conversation(self.tokenizer, record["conversations"])
 
 
 class DPODataset(JsonlDataset):
@@ -351,18 +427,279 @@ class DPODataset(JsonlDataset):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Collators
+# Pretokenized files: a corpus tokenized once by scripts/pretokenize.py, read memory-mapped
+
+
+class TokenFiles(NamedTuple):
+    """The files of one pretokenized corpus, all named after its NAME.bin."""
+
+    tokens: Path  # NAME.bin: the token ids of every document back to back, uint16 (uint32 for vocabularies > 65536)
+    offsets: Path  # NAME.idx: int64, where each document starts in NAME.bin, then the total (documents + 1 values)
+    mask: Path  # NAME.mask: uint8, the loss mask of every token (chat corpora only)
+    header: Path  # NAME.meta.json: format, kind, dtype, counts, tokenizer; written last, so it marks a complete file
+
+    @classmethod
+    def of(cls, path: str | Path) -> TokenFiles:
+        stem = Path(path).with_suffix("")
+        return cls(*(stem.with_name(stem.name + suffix) for suffix in (".bin", ".idx", ".mask", ".meta.json")))
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned integer type that holds every token id."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """SHA-256 of what decides the ids: the tokenizer's whole definition (vocabulary, merges, normalisation,
+    special tokens) and its chat template."""
+    definition = tokenizer.backend_tokenizer.to_str() + "\n" + str(tokenizer.chat_template)
+    return hashlib.sha256(definition.encode("utf-8")).hexdigest()
+
+
+def write_token_file(documents: PretrainDataset | SFTDataset, path: str | Path, tokenizer_path: str = "",
+                     num_workers: int = 0, progress: bool = False) -> dict:
+    """Tokenize every document of a jsonl dataset once into the token files of `path` (NAME.bin); returns the
+    header. Streaming: each document is appended as it comes, so memory does not grow with the corpus. The header
+    is removed first and written last (atomically), so an interrupted run leaves files that are refused."""
+    files = TokenFiles.of(path)
+    files.header.parent.mkdir(parents=True, exist_ok=True)
+    files.header.unlink(missing_ok=True)
+    chat = isinstance(documents, SFTDataset)
+    dtype = token_dtype(len(documents.tokenizer))
+    count, total, longest = 0, 0, 0
+    buffer = 1 << 20
+    with (open(files.tokens, "wb", buffering=buffer) as tokens_out,
+          open(files.offsets, "wb", buffering=buffer) as offsets_out,
+          open(files.mask, "wb", buffering=buffer) if chat else nullcontext() as mask_out):
+        offsets_out.write(np.int64(0).tobytes())
+        for ids, mask in iterate_documents(documents, num_workers, progress, f"tokenizing {documents.records.path}"):
+            tokens_out.write(np.asarray(ids, dtype=dtype).tobytes())
+            if mask_out is not None:
+                mask_out.write(np.asarray(mask, dtype=np.uint8).tobytes())
+            count, total, longest = count + 1, total + len(ids), max(longest, len(ids))
+            offsets_out.write(np.int64(total).tobytes())
+    if not chat:
+        files.mask.unlink(missing_ok=True)  # a stale mask of an earlier chat run under the same name
+    header = {
+        "format": TOKEN_FILE_FORMAT,
+        "kind": "chat" if chat else "text",
+        "dtype": dtype.name,
+        "vocab_size": len(documents.tokenizer),
+        "documents": count,
+        "tokens": total,
+        "max_document_length": longest,
+        "tokenizer_path": str(tokenizer_path),
+        "tokenizer_sha256": tokenizer_fingerprint(documents.tokenizer),
+        "source": str(documents.records.path),
+    }
+    atomic_write_text(files.header, json.dumps(header, indent=2) + "\n")
+    return header
+
+
+def read_token_header(files: TokenFiles) -> dict:
+    """The header of a token file, checked against the sizes of the files beside it."""
+    if not files.header.exists():
+        raise MissingInputError(f"{files.header} not found: {files.tokens} is incomplete (an interrupted "
+                                f"pretokenize run?) or was not written by scripts/pretokenize.py; {HOW_TO_PRETOKENIZE}")
+    try:
+        header = json.loads(files.header.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataFormatError(f"{files.header}: not a token-file header ({error}); {HOW_TO_PRETOKENIZE}") from error
+    if not isinstance(header, dict) or header.get("format") != TOKEN_FILE_FORMAT:
+        raise DataFormatError(f"{files.header}: unknown token-file format (expected format {TOKEN_FILE_FORMAT}); "
+                              f"{HOW_TO_PRETOKENIZE}")
+    sizes = {files.tokens: header["tokens"] * np.dtype(header["dtype"]).itemsize,
+             files.offsets: (header["documents"] + 1) * 8}
+    if header["kind"] == "chat":
+        sizes[files.mask] = header["tokens"]
+    for file, size in sizes.items():
+        actual = require_file(file, HOW_TO_PRETOKENIZE, "token file").stat().st_size
+        if actual != size:
+            raise DataFormatError(f"{file}: {actual:,} bytes where {files.header.name} says {size:,} (truncated, or "
+                                  f"from another run); {HOW_TO_PRETOKENIZE}")
+    return header
+
+
+class PretokenizedDataset(DocumentDataset):
+    """The documents of a token file (NAME.bin and the files beside it), memory-mapped: nothing is read into RAM
+    and forked DataLoader workers share the pages. Each document is one training sample, cut to max_length, equal
+    to what PretrainDataset / SFTDataset give for the jsonl it was written from."""
+
+    def __init__(self, data_path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int = 512):
+        check_max_length(max_length)
+        self.files = TokenFiles.of(require_file(data_path, HOW_TO_PRETOKENIZE, "token file"))
+        self.header = read_token_header(self.files)
+        if self.header["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer):
+            raise ConfigError(f"{self.files.tokens} was tokenized with another tokenizer "
+                              f"({self.header['tokenizer_path'] or 'unnamed'}) than the one given: pass that "
+                              f"--tokenizer_path, or pretokenize again with this one")
+        if self.header["documents"] == 0:
+            raise DataFormatError(f"{self.files.tokens} holds no documents (its source "
+                                  f"{self.header['source']} had none)")
+        self.kind: str = self.header["kind"]
+        self.max_length = max_length
+        self._maps: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(tokens, offsets, mask or None), mapped on first use in each process."""
+        if self._maps is None:
+            files = self.files
+            self._maps = (np.memmap(files.tokens, dtype=np.dtype(self.header["dtype"]), mode="r"),
+                          np.memmap(files.offsets, dtype=np.int64, mode="r"),
+                          np.memmap(files.mask, dtype=np.uint8, mode="r") if self.kind == "chat" else None)
+        return self._maps
+
+    def __len__(self) -> int:
+        return self.header["documents"]
+
+    def document(self, index: int) -> Document:
+        tokens, offsets, mask = self._arrays()
+        start, end = int(offsets[index]), int(offsets[index + 1])
+        return tokens[start:end], mask[start:end] if mask is not None else np.ones(end - start, dtype=np.uint8)
+
+    def document_lengths(self, num_workers: int = 0, progress: bool = False) -> np.ndarray:
+        """Read from the offsets: nothing to tokenize."""
+        return np.diff(self._arrays()[1]).astype(np.int64)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_maps"] = None  # pickling a memmap would copy the data (spawned workers map the files themselves)
+        return state
+
+
+def open_documents(data_path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int = 512,
+                   chat: bool = False) -> DocumentDataset:
+    """The documents of a training file, one sample each: a token file (NAME.bin), or a jsonl of pretraining text
+    (chat=False: PretrainDataset) or of conversations and replayed text (chat=True: SFTDataset)."""
+    if Path(data_path).suffix != ".bin":
+        return (SFTDataset if chat else PretrainDataset)(data_path, tokenizer, max_length)
+    documents = PretokenizedDataset(data_path, tokenizer, max_length)
+    if documents.kind == "chat" and not chat:
+        raise ConfigError(f"{data_path} holds chat documents (loss on the replies only); this stage trains on text: "
+                          f"pretokenize its text with --kind text")
+    return documents
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packing: whole documents side by side in rows of a fixed width
+
+
+def pack_documents(positions: np.ndarray, row_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed plan placing documents of `positions` input positions each into rows of row_length positions:
+    best-fit decreasing (the longest document first, each into the open row it fills most tightly, a new row when
+    none has room). Deterministic: equal lengths keep the document order.
+
+    Returns (row_offsets (R+1,), documents (N,)), int64: row r holds documents[row_offsets[r]:row_offsets[r+1]].
+    """
+    if len(positions) and (positions.min() < 1 or positions.max() > row_length):
+        raise ValueError(f"every document must fill 1..{row_length} positions, got {positions.min()}..{positions.max()}")
+    order = np.argsort(-positions, kind="stable")
+    open_rows: list[list[int]] = [[] for _ in range(row_length + 1)]  # open_rows[f]: the rows with f positions free
+    open_count = np.zeros(row_length + 1, dtype=np.int64)  # len(open_rows[f]), searched in one vectorised call
+    row_of = np.empty(len(positions), dtype=np.int64)
+    rows = 0
+    for document, need in zip(order.tolist(), positions[order].tolist()):
+        fitting = np.flatnonzero(open_count[need:])
+        if fitting.size:
+            free = need + int(fitting[0])
+            row = open_rows[free].pop()
+            open_count[free] -= 1
+        else:
+            row, free = rows, row_length
+            rows += 1
+        row_of[document] = row
+        if free > need:
+            open_rows[free - need].append(row)
+            open_count[free - need] += 1
+    placed = order[np.argsort(row_of[order], kind="stable")]  # grouped by row, in placement order within a row
+    row_offsets = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row_of, minlength=rows), out=row_offsets[1:])
+    return row_offsets, placed
+
+
+class PackedDataset(Dataset):
+    """Whole documents packed into rows of max_length - 1 positions (as wide as the longest padded sample), one
+    training sample per row: `dataset[r]` is the list of row r's document triples, each cut to max_length tokens
+    exactly as the padded datasets cut them. PackedCollator turns rows into a batch.
+
+    `data_path` is a token file (NAME.bin) or a jsonl file; a jsonl is tokenized once here to learn the document
+    lengths (`num_workers` processes, a progress bar with `progress`) and again when its rows are read. The plan
+    (pack_documents) is fixed at construction and depends only on the data and max_length, so the trainer's data
+    order and exact resume work on rows as on any samples."""
+
+    def __init__(self, data_path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int = 512,
+                 chat: bool = False, num_workers: int = 0, progress: bool = False):
+        self.documents = open_documents(data_path, tokenizer, max_length, chat)
+        self.max_length, self.row_length = max_length, max_length - 1
+        lengths = self.documents.document_lengths(num_workers, progress)
+        self.positions = np.minimum(lengths, max_length) - 1  # (N,) positions each document fills in its row
+        self.row_offsets, self.row_documents = pack_documents(self.positions, self.row_length)
+
+    def __len__(self) -> int:
+        return len(self.row_offsets) - 1
+
+    def __getitem__(self, row: int) -> list[Triple]:
+        start, end = self.row_offsets[row], self.row_offsets[row + 1]
+        return [self.documents[int(document)] for document in self.row_documents[start:end]]
+
+
+def useful_token_share(dataset: PackedDataset | DocumentDataset, batch_size: int = 8, seed: int = 0,
+                       num_workers: int = 0, progress: bool = False) -> float:
+    """The share of batch positions that hold a document token rather than padding, batched as for training.
+
+    Packed: every row is row_length wide, so the share is the same for any batch. Padded: a batch is as wide as
+    its longest sample, so the share is measured over the full batches of batch_size samples in a seeded random
+    order (the trainer's order is another one of the same kind). A jsonl dataset is tokenized once for this."""
+    if isinstance(dataset, PackedDataset):
+        return float(dataset.positions.sum()) / (len(dataset) * dataset.row_length)
+    positions = np.minimum(dataset.document_lengths(num_workers, progress), dataset.max_length) - 1
+    order = torch.randperm(len(positions), generator=torch.Generator().manual_seed(seed)).numpy()
+    batches = positions[order[: len(order) // batch_size * batch_size]].reshape(-1, batch_size)  # (batches, B)
+    return float(batches.sum()) / float(batches.max(axis=1).sum() * batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches and collators
+
+
+@dataclass
+class Batch:
+    """A collated batch of next-token triples. It unpacks like the triple, `inputs, labels, loss_mask = batch`;
+    packed batches also carry document_ids, which the loss functions pass on to the model."""
+
+    input_ids: torch.Tensor  # (B, T) long
+    labels: torch.Tensor  # (B, T) long: each document's inputs shifted left by one
+    loss_mask: torch.Tensor  # (B, T) float: 1 where the label counts towards the loss
+    document_ids: torch.Tensor | None = None  # (B, T) long, packed rows: 0, 1, ... per document, -1 on padding
+    useful_tokens: int = 0  # positions holding a document token (not padding): what tokens/s counts
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.input_ids, self.labels, self.loss_mask))
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch on `device`; copies from pinned memory (CUDA DataLoaders) do not block the host."""
+        non_blocking = device.type == "cuda"
+        return replace(self, **{name: t.to(device, non_blocking=non_blocking) for name, t in self._tensors().items()})
+
+    def pin_memory(self) -> Batch:
+        """Called by a DataLoader with pin_memory=True."""
+        return replace(self, **{name: t.pin_memory() for name, t in self._tensors().items()})
+
 
 class PadCollator:
-    """Stack triples into (X (B,T) long, Y (B,T) long, loss_mask (B,T) float), right-padded to the longest item."""
+    """Stack triples into a Batch of (B, T) tensors, right-padded to the longest item (padding: pad_token_id, mask 0),
+    or to a fixed `width` (as the original MiniMind pads every sample to max_seq_len)."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, width: int | None = None):
+        self.pad_token_id, self.width = pad_token_id, width
 
-    def __call__(self, batch: list[Triple]) -> Triple:
+    def __call__(self, batch: list[Triple]) -> Batch:
         if not batch:
             raise ValueError("cannot collate an empty batch")
-        longest = max(len(input_ids) for input_ids, _, _ in batch)
+        longest = self.width or max(len(input_ids) for input_ids, _, _ in batch)
         inputs = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)  # (B, T)
         labels = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)  # (B, T)
         loss_mask = torch.zeros(len(batch), longest, dtype=torch.float32)  # (B, T)
@@ -371,16 +708,48 @@ class PadCollator:
             inputs[row, :length] = input_ids
             labels[row, :length] = label_ids
             loss_mask[row, :length] = mask
-        return inputs, labels, loss_mask
+        return Batch(inputs, labels, loss_mask, useful_tokens=sum(len(input_ids) for input_ids, _, _ in batch))
+
+
+class PackedCollator:
+    """Stack packed rows (lists of document triples) into a Batch of (B, row_length) tensors: each row's documents
+    side by side, then padding (pad_token_id, mask 0). document_ids numbers the documents of a row 0, 1, ... and
+    gives the padding its own id, -1, so the padding attends only to itself."""
+
+    def __init__(self, pad_token_id: int, row_length: int):
+        self.pad_token_id, self.row_length = pad_token_id, row_length
+
+    def __call__(self, rows: list[list[Triple]]) -> Batch:
+        if not rows:
+            raise ValueError("cannot collate an empty batch")
+        shape = (len(rows), self.row_length)
+        inputs = torch.full(shape, self.pad_token_id, dtype=torch.long)  # (B, T)
+        labels = torch.full(shape, self.pad_token_id, dtype=torch.long)  # (B, T)
+        loss_mask = torch.zeros(shape, dtype=torch.float32)  # (B, T)
+        document_ids = torch.full(shape, PADDING_DOCUMENT, dtype=torch.long)  # (B, T)
+        useful = 0
+        for row, documents in enumerate(rows):
+            start = 0
+            for number, (input_ids, label_ids, mask) in enumerate(documents):
+                end = start + len(input_ids)
+                if end > self.row_length:
+                    raise ValueError(f"a packed row of {end} positions does not fit rows of {self.row_length}")
+                inputs[row, start:end] = input_ids
+                labels[row, start:end] = label_ids
+                loss_mask[row, start:end] = mask
+                document_ids[row, start:end] = number
+                start = end
+            useful += start
+        return Batch(inputs, labels, loss_mask, document_ids, useful)
 
 
 class DPOCollator:
-    """Collate (chosen, rejected) pairs into (2B, T) tensors: the B chosen rows first, then the B rejected rows."""
+    """Collate (chosen, rejected) pairs into a (2B, T) Batch: the B chosen rows first, then the B rejected rows."""
 
     def __init__(self, pad_token_id: int):
         self.pad = PadCollator(pad_token_id)
 
-    def __call__(self, batch: list[tuple[Triple, Triple]]) -> Triple:
+    def __call__(self, batch: list[tuple[Triple, Triple]]) -> Batch:
         chosen = [pair[0] for pair in batch]
         rejected = [pair[1] for pair in batch]
         return self.pad(chosen + rejected)

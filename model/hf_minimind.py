@@ -26,7 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .common import ConfigError, MissingInputError, WeightsMismatchError, read_checkpoint
 from .LMConfig import LMConfig
-from .model import MiniMindLM
+from .model import KVCache, MiniMindLM
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -274,12 +274,14 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        native_past = [(layer.keys, layer.values) for layer in past_key_values.layers] if past_len else None
+        native_past = (KVCache.from_tensors([(layer.keys, layer.values) for layer in past_key_values.layers])
+                       if past_len else None)
         out = self.model(input_ids, attention_mask=attention_mask, past_key_values=native_past,
                          use_cache=past_key_values is not None, position_ids=position_ids,
                          logits_to_keep=logits_to_keep)
-        if past_key_values is not None:
-            for i, (keys, values) in enumerate(out.past_key_values):
+        if past_key_values is not None:  # hand transformers the new positions of every layer
+            for i in range(len(self.model.layers)):
+                keys, values = out.past_key_values.layer(i)
                 past_key_values.update(keys[:, :, past_len:], values[:, :, past_len:], i)
         loss = None
         if labels is not None:

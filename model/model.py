@@ -1,8 +1,8 @@
 """MiniMind: a small Llama-style decoder, dense or mixture-of-experts, in plain PyTorch.
 
-Reading order: RMSNorm -> rotary embeddings -> Attention -> FeedForward -> MoE gate and MoE block -> Block ->
-MiniMindLM (forward, generation). Parameter names match the published MiniMind2 `.pth` checkpoints, so those
-load with `strict=True`. The rotary embedding rotates interleaved pairs (dims 2i, 2i+1) as Meta's Llama code does.
+Reading order: RMSNorm -> rotary embeddings -> KV cache and Attention -> FeedForward -> MoE gate and MoE block ->
+packed rows -> Block -> MiniMindLM (forward, generation). Parameter names match the published MiniMind2 `.pth`
+checkpoints, so those load with `strict=True`. The rotary embedding rotates interleaved pairs (dims 2i, 2i+1) as Meta's Llama code does.
 """
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ from torch import nn
 
 from .LMConfig import LMConfig
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (keys, values), each (B, n_kv_heads, S, head_dim)
-
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 whatever the input dtype (bf16 squares overflow/round badly)."""
@@ -27,10 +25,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.type_as(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x * rsqrt(mean(x^2) + eps), one fused op
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,15 +70,65 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by angles given as cos/sin (B, T, 1, hd/2)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by their angles a_i:
+    (x[2i] cos a_i - x[2i+1] sin a_i, x[2i] sin a_i + x[2i+1] cos a_i), computed in float32.
+
+    cos and sin (B, T, 1, hd) hold every angle twice, as (cos a_i, cos a_i) and (-sin a_i, sin a_i), so the
+    rotation is x * cos + swap_pairs(x) * sin, where swap_pairs exchanges the two members of each pair: four
+    element-wise ops, which matters when a decode step is a few microseconds per op."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Attention
+
+
+class KVCache:
+    """The keys and values of every layer for the tokens processed so far, each layer's as (B, n_kv_heads, length,
+    head_dim) views of buffers that grow in chunks. A decode step writes its one position in place (concatenating
+    would copy the whole cache every token), and memory follows the tokens actually seen, not max_seq_len."""
+
+    def __init__(self, n_layers: int, chunk: int = 256):
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.length = 0  # positions filled in every layer; the model advances it after each forward
+        self.chunk = chunk
+
+    @classmethod
+    def from_tensors(cls, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> "KVCache":
+        """A cache holding these (keys, values) per layer, e.g. converted from another library's cache."""
+        cache = cls(len(layers))
+        for i, (k, v) in enumerate(layers):
+            cache.keys[i], cache.values[i] = k, v
+        cache.length = layers[0][0].shape[2] if layers else 0
+        return cache
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions k, v (B, n_kv, T, hd) of `layer` after the cached ones; return all of them."""
+        start, end = self.length, self.length + k.shape[2]
+        buffer = self.keys[layer]
+        if buffer is None or buffer.shape[2] < end:  # grow: at least double, in whole chunks
+            capacity = max(end, 2 * buffer.shape[2] if buffer is not None else 0)
+            capacity = -(-capacity // self.chunk) * self.chunk
+            self.keys[layer], self.values[layer] = (self._grown(old, new, start, capacity)
+                                                    for old, new in ((buffer, k), (self.values[layer], v)))
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    @staticmethod
+    def _grown(old: torch.Tensor | None, new: torch.Tensor, filled: int, capacity: int) -> torch.Tensor:
+        B, H, _, D = new.shape
+        buffer = new.new_empty(B, H, capacity, D)
+        if old is not None:
+            buffer[:, :, :filled] = old[:, :, :filled]
+        return buffer
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, n_kv, length, hd) of one layer."""
+        return self.keys[layer][:, :, : self.length], self.values[layer][:, :, : self.length]
 
 
 class Attention(nn.Module):
@@ -96,10 +142,17 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.wqkv: nn.Linear | None = None  # wq, wk, wv stacked into one layer by fuse_for_inference()
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         # SDPA picks flash / memory-efficient kernels on GPU; the explicit path is the readable reference.
         self.flash = config.flash_attn
+
+    def fuse_for_inference(self) -> None:
+        """Stack wq, wk and wv into one layer: one matrix product per decode step instead of three. The outputs
+        are the same; the state dict is not (wqkv.weight), so a fused model is for inference only."""
+        self.wqkv = stacked_linear(self.wq, self.wk, self.wv)
+        del self.wq, self.wk, self.wv
 
     def forward(
         self,
@@ -107,30 +160,39 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-        use_cache: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        cache: KVCache | None = None,
+        layer_index: int = 0,
+    ) -> torch.Tensor:
         """mask: None means plain causal attention over x alone (or, for one new token, over everything cached);
-        else a bool (B, 1, T, S) tensor, True where a query may attend a key."""
+        else a bool (B, 1, T, S) tensor, True where a query may attend a key. With a cache, the new keys and values
+        are stored in it as layer `layer_index` and attention covers the cached positions too."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split((self.n_heads * self.head_dim, kv_width, kv_width), dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        if past_kv is not None:
-            k = torch.cat([past_kv[0], k], dim=2)  # (B, n_kv, S, hd)
-            v = torch.cat([past_kv[1], v], dim=2)
-        present = (k, v) if use_cache else None
+        if cache is not None:
+            k, v = cache.update(layer_index, k, v)  # (B, n_kv, S, hd)
 
         dropout_p = self.dropout if self.training else 0.0
         causal = mask is None and T > 1
-        if self.flash:
+        if self.flash and T == 1:
+            # Decoding, one query per head: the n_heads / n_kv_heads queries that share a KV head become that head's
+            # queries, so attention reads the cache as it is instead of copying it per query head.
+            grouped = q.reshape(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
+            y = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).view(B, self.n_heads, 1, self.head_dim)
+        elif self.flash:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=True)
         else:
             y = self.explicit_attention(q, k, v, mask, causal, dropout_p)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.resid_dropout(self.wo(y)), present
+        return self.resid_dropout(self.wo(y))
 
     def explicit_attention(self, q, k, v, mask, causal: bool, dropout_p: float) -> torch.Tensor:
         """softmax(q k^T / sqrt(hd) + mask) v, written out; each group of query heads shares one KV head."""
@@ -159,10 +221,28 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, config.dim, bias=False)
         self.w3 = nn.Linear(config.dim, hidden_dim, bias=False)
+        self.w13: nn.Linear | None = None  # w1 and w3 stacked into one layer by fuse_for_inference()
         self.dropout = nn.Dropout(config.dropout)
 
+    def fuse_for_inference(self) -> None:
+        """Stack w1 and w3 into one layer (one matrix product instead of two); for inference only."""
+        self.w13 = stacked_linear(self.w1, self.w3)
+        del self.w1, self.w3
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        if self.w13 is None:
+            gate, up = self.w1(x), self.w3(x)
+        else:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.dropout(self.w2(F.silu(gate) * up))
+
+
+def stacked_linear(*layers: nn.Linear) -> nn.Linear:
+    """One bias-free layer whose output is the outputs of `layers` side by side."""
+    weight = torch.cat([layer.weight.detach() for layer in layers])
+    stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    stacked.weight = nn.Parameter(weight, requires_grad=False)
+    return stacked
 
 
 class MoEGate(nn.Module):
@@ -249,6 +329,27 @@ class MoEFeedForward(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Packed rows: several documents in one row, each attending only to itself
+
+
+def positions_in_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token inside its document: 0 where document_ids changes (and at column 0)."""
+    B, T = document_ids.shape
+    columns = torch.arange(T, device=document_ids.device).expand(B, T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_column = torch.where(starts, columns, 0).cummax(dim=1).values
+    return columns - start_column
+
+
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Bool (B, 1, T, T): a query sees the keys at or before it in the same document (block-diagonal causal)."""
+    T = document_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    return ((document_ids[:, :, None] == document_ids[:, None, :]) & causal)[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The decoder
 
 
@@ -263,21 +364,20 @@ class Block(nn.Module):
         self.is_moe = config.use_moe
         self.feed_forward = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, x, cos, sin, mask, past_kv=None, use_cache=False):
-        attn_out, present = self.attention(self.attention_norm(x), cos, sin, mask, past_kv, use_cache)
-        h = x + attn_out
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer_index: int = 0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer_index)
         if self.is_moe:
             ffn_out, aux_loss = self.feed_forward(self.ffn_norm(h))
         else:
             ffn_out, aux_loss = self.feed_forward(self.ffn_norm(h)), None
-        return h + ffn_out, present, aux_loss
+        return h + ffn_out, aux_loss
 
 
 @dataclass
 class LMOutput:
     logits: torch.Tensor  # (B, T or logits_to_keep, vocab)
     aux_loss: torch.Tensor  # scalar: summed MoE balancing loss (0 for dense models and in eval mode)
-    past_key_values: KVCache | None
+    past_key_values: KVCache | None  # the cache, holding this call's tokens too (with use_cache)
 
 
 class MiniMindLM(nn.Module):
@@ -303,12 +403,23 @@ class MiniMindLM(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_parameters(self) -> int:
-        """Unique parameters (the tied embedding counted once)."""
-        return sum(p.numel() for p in self.parameters())
+    def fuse_for_inference(self) -> "MiniMindLM":
+        """Stack the projections that read the same input (wq/wk/wv, w1/w3) into single layers, for faster
+        decoding. Outputs are unchanged; training, LoRA and saving need the unfused model (merge adapters first)."""
+        for module in self.modules():
+            if isinstance(module, (Attention, FeedForward)):
+                module.fuse_for_inference()
+        return self.eval()
 
-    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (B, T, 1, head_dim/2) for integer positions (B, T)."""
+    def num_parameters(self) -> int:
+        """Unique parameters (the tied embedding counted once), int8 layers (model/quantize.py) included; the
+        int8 copy of the output layer is the tied embedding again."""
+        int8 = sum(buffer.numel() for name, buffer in self.named_buffers()
+                   if name.endswith("weight_int8") and name != "output.weight_int8")
+        return sum(p.numel() for p in self.parameters()) + int8
+
+    def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B, T, 1, head_dim) for integer positions (B, T), laid out as apply_rotary takes them."""
         device = position_ids.device
         if device not in self._inv_freq:
             cfg = self.config
@@ -316,7 +427,9 @@ class MiniMindLM(nn.Module):
                 inv_freq, self._rope_scale = rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta, cfg.inference_rope_scaling)
             self._inv_freq[device] = inv_freq.to(device)
         angles = position_ids[..., None].float() * self._inv_freq[device]  # (B, T, hd/2)
-        return (angles.cos() * self._rope_scale).unsqueeze(2), (angles.sin() * self._rope_scale).unsqueeze(2)
+        cos, sin = angles.cos() * self._rope_scale, angles.sin() * self._rope_scale
+        return (torch.stack((cos, cos), dim=-1).flatten(-2).unsqueeze(2),
+                torch.stack((-sin, sin), dim=-1).flatten(-2).unsqueeze(2))
 
     def forward(
         self,
@@ -326,30 +439,41 @@ class MiniMindLM(nn.Module):
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        document_ids: torch.Tensor | None = None,
     ) -> LMOutput:
         """input_ids (B, T). attention_mask (B, past + T), 1 for real tokens and 0 for (left) padding, covers the
-        cached tokens too. logits_to_keep > 0 computes logits for the last that many positions only."""
+        cached tokens too. past_key_values: a KVCache from an earlier call (it is extended in place), or None
+        with use_cache=True to start one. logits_to_keep > 0 computes logits for the last that many positions.
+        document_ids (B, T), for packed rows of several documents (no cache): a token attends only to earlier
+        tokens of its own document, and positions restart at 0 where a document starts."""
         B, T = input_ids.shape
-        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        cache = past_key_values if past_key_values is not None else KVCache(len(self.layers)) if use_cache else None
+        past_len = cache.length if cache is not None else 0
+        if document_ids is not None:
+            if past_len:
+                raise ValueError("document_ids (packed rows) cannot be combined with a KV cache")
+            position_ids = positions_in_documents(document_ids)
+            mask = document_causal_mask(document_ids)
+        else:
+            mask = self.attention_mask(attention_mask, B, T, past_len, input_ids.device)
         if position_ids is None:
             if attention_mask is not None:  # count real tokens only, so padding does not shift positions
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
             else:
                 position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
         cos, sin = self.rotary(position_ids)
-        mask = self.attention_mask(attention_mask, B, T, past_len, input_ids.device)
 
         h = self.dropout(self.tok_embeddings(input_ids))
-        presents: KVCache = []
         aux_loss = h.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
-            h, present, layer_aux = layer(h, cos, sin, mask, past_key_values[i] if past_key_values else None, use_cache)
-            presents.append(present)
+            h, layer_aux = layer(h, cos, sin, mask, cache, i)
             if layer_aux is not None:
                 aux_loss = aux_loss + layer_aux
+        if cache is not None:
+            cache.length += T
         h = self.norm(h)
         logits = self.output(h[:, -logits_to_keep:] if logits_to_keep > 0 else h)
-        return LMOutput(logits=logits, aux_loss=aux_loss, past_key_values=presents if use_cache else None)
+        return LMOutput(logits=logits, aux_loss=aux_loss, past_key_values=cache)
 
     @staticmethod
     def attention_mask(padding_mask, B: int, T: int, past_len: int, device) -> torch.Tensor | None:
@@ -392,20 +516,24 @@ class MiniMindLM(nn.Module):
         device = input_ids.device
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: use the plain causal fast path
-        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=device)
-        seen[torch.arange(B, device=device)[:, None].expand_as(input_ids)[real], input_ids[real]] = True
+        seen = None  # (B, V) tokens in each row's context, kept only for the repetition penalty
+        if repetition_penalty != 1.0:
+            real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=device)
+            seen[torch.arange(B, device=device)[:, None].expand_as(input_ids)[real], input_ids[real]] = True
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        past, step_input = None, input_ids
+        cache, step_input = None, input_ids
         for _ in range(max_new_tokens):
-            out = self(step_input, attention_mask=attention_mask, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
+            out = self(step_input, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
             logits = out.logits[:, -1, :].float()
             next_token = sample_next_token(logits, seen, temperature, top_p, top_k, repetition_penalty, generator)
-            next_token = next_token.masked_fill(finished, pad_token_id)
+            if eos_token_id is not None:
+                next_token = next_token.masked_fill(finished, pad_token_id)
             yield next_token
-            seen[torch.arange(B, device=device), next_token] |= ~finished
+            if seen is not None:
+                seen[torch.arange(B, device=device), next_token] |= ~finished
             if eos_token_id is not None:
                 finished |= next_token == eos_token_id
                 if bool(finished.all()):
@@ -426,14 +554,15 @@ class MiniMindLM(nn.Module):
 
 def sample_next_token(
     logits: torch.Tensor,
-    seen: torch.Tensor,
+    seen: torch.Tensor | None,
     temperature: float,
     top_p: float,
     top_k: int,
     repetition_penalty: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Pick one token per row from float logits (B, V). seen (B, V) marks tokens already in the context."""
+    """Pick one token per row from float logits (B, V). seen (B, V) marks the tokens already in the context (needed
+    only with a repetition penalty)."""
     if repetition_penalty != 1.0:
         # CTRL's rule, sign-aware: a penalised token always becomes less likely.
         penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)

@@ -6,8 +6,10 @@ stage script supplies only what makes it different:
                       export_state_dict=..., frozen_models=[reference_model])
     trainer.fit()
 
+- `collate_fn` returns a `model.dataset.Batch` (PadCollator, PackedCollator, DPOCollator do).
 - `loss_fn(model, batch) -> (loss, metrics)`: loss is a scalar tensor (mean over the micro-batch); metrics is a
-  dict of scalars to log (e.g. {"aux_loss": ...}). `model` is the wrapped model (DDP / DeepSpeed) to call.
+  dict of scalar tensors to log (e.g. {"aux_loss": ...}). `model` is the wrapped model (DDP / DeepSpeed, compiled
+  with --compile) to call, with `document_ids=batch.document_ids` so that packed rows stay apart.
 - The parameters with requires_grad=True are trained; freeze the rest before building the Trainer.
 - `export_state_dict(model)` says what goes in the weights file (default: the whole state dict; LoRA: adapters).
 - `frozen_models` (DPO reference, distillation teacher) are moved to the device and put in eval mode, but never
@@ -21,6 +23,13 @@ position in the epoch is therefore a sample count, which the resume file stores:
 permutation and starts from that sample, without reading the skipped batches, and it does so for any world size.
 Checkpoints are taken only between optimizer steps, so there is never a half-accumulated gradient to save.
 
+Packed data (model.dataset.PackedDataset) needs nothing special here: a sample is a row of whole documents, and
+the packing plan is fixed when the dataset is built, so all of the above holds for rows.
+
+The loop itself never waits for the device: losses and metrics are summed on the device and the token counts on
+the host, and both are read (and reduced across ranks) only on log steps. (The model can still wait: an MoE
+model's expert routing, and float16's overflow check, do every step.) tokens/s counts useful tokens, not padding.
+
 Loss scaling: each micro-batch loss is divided by accumulation_steps and DDP averages gradients over ranks, so
 a step's gradient is the mean of the micro-batch mean losses (as in the original MiniMind). With equal-length
 micro-batches this equals one process with the whole global batch.
@@ -28,7 +37,7 @@ micro-batches this equals one process with the whole global batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -38,13 +47,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import checkpoint as ckpt
-from .backend import make_backend
+from .backend import make_backend, resolve_training_dtype
 from .common import CheckpointError, ConfigError, read_checkpoint, torch_dtype
+from .dataset import Batch
 from .distributed import DistContext, barrier, check_replicas_in_sync, gather_objects, mean_across_ranks
 from .model import LMOutput
-from .train_log import RunLogger, Throughput, format_log_line
+from .train_log import RunLogger, Throughput, format_log_line, peak_flops, training_flops
 
-LossFn = Callable[[nn.Module, tuple], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 RESUME_FORMAT = 1
 
 
@@ -71,7 +81,9 @@ class TrainSettings:
     weight_decay: float = 0.01  # AdamW weight decay, on matrices only
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     # Precision and backend
-    dtype: str = "bfloat16"  # autocast dtype (float16 adds a GradScaler); DeepSpeed runs the model in it
+    dtype: str = "auto"  # autocast dtype, float16 adding a GradScaler (auto: backend.resolve_training_dtype);
+    # DeepSpeed runs the model in it
+    compile: bool = False  # torch.compile the trained model (the backend applies it)
     deepspeed: str | None = None  # a DeepSpeed JSON config ("auto" values are filled in from these settings)
     zero_stage: int | None = None  # DeepSpeed with this ZeRO stage (0, 1, 2), without a config file
     # Checkpoints and reporting
@@ -176,22 +188,10 @@ def with_moe_aux_loss(loss: torch.Tensor, out: LMOutput, metrics: dict[str, torc
     return loss + out.aux_loss, metrics
 
 
-def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of a (X, Y, loss_mask) batch: masked cross-entropy plus the MoE balancing loss."""
-    inputs, labels, loss_mask = batch
-    out = model(inputs)
-    return with_moe_aux_loss(masked_cross_entropy(out.logits, labels, loss_mask), out)
-
-
-def move_to_device(batch, device: torch.device):
-    """Tensors (also inside tuples, lists and dicts) to device; non-blocking from pinned memory on CUDA."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=device.type == "cuda")
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to_device(item, device) for item in batch)
-    if isinstance(batch, dict):
-        return {key: move_to_device(value, device) for key, value in batch.items()}
-    return batch
+def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of a padded or packed batch: masked cross-entropy plus the MoE balancing loss."""
+    out = model(batch.input_ids, document_ids=batch.document_ids)
+    return with_moe_aux_loss(masked_cross_entropy(out.logits, batch.labels, batch.loss_mask), out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,6 +216,7 @@ class Trainer:
         export_state_dict: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
         frozen_models: tuple[nn.Module, ...] | list[nn.Module] = (),
     ):
+        settings = replace(settings, dtype=resolve_training_dtype(settings.dtype, ctx.device))
         self.settings, self.ctx = settings, ctx
         self.model = model.to(ctx.device)
         self.dataset, self.collate_fn, self.loss_fn = train_dataset, collate_fn, loss_fn
@@ -340,24 +341,27 @@ class Trainer:
         logger = self._make_logger(final_step) if ctx.is_main else None
         if logger is not None:
             self.wandb_run_id = logger.wandb_run_id
-        throughput = Throughput(self.step)
+        peak = peak_flops(ctx.device)
+        throughput = Throughput(self.step, peak * ctx.world_size if peak else None)
         backend.model.train()
-        window = None  # summed [loss, tokens, *metrics] since the last log line, on the device
+        window = None  # summed [loss, *metrics] since the last log line, on the device
         window_micro_batches = 0
+        window_tokens, window_context = 0, 0  # useful tokens, and the same times their row width, on the host
         last_saved_step = self.step if settings.resume else -1
 
         while self.epoch < settings.epochs and self.step < final_step:
             for micro, batch in enumerate(self._loader(self.epoch, self.epoch_samples)):
-                batch = move_to_device(batch, ctx.device)
+                batch = batch.to(ctx.device)
                 last = (micro + 1) % settings.accumulation_steps == 0  # this micro-batch completes a step
                 with backend.accumulating(last):
                     with backend.autocast():
                         loss, metrics = self.loss_fn(backend.model, batch)
                     backend.backward(loss)
-                values = torch.stack([loss.detach().float(), torch.tensor(float(batch[0].numel()), device=ctx.device),
-                                      *(torch.as_tensor(v, device=ctx.device).float() for v in metrics.values())])
+                values = torch.stack([loss.detach().float(), *(v.detach().float() for v in metrics.values())])
                 window = values if window is None else window + values
                 window_micro_batches += 1
+                window_tokens += batch.useful_tokens
+                window_context += batch.useful_tokens * batch.input_ids.shape[1]
                 if not last:
                     continue
                 lr = lr_at(self.step, total_steps, settings.learning_rate, settings.warmup_iters)
@@ -368,10 +372,12 @@ class Trainer:
                     logger.advance()
                 if self.step % settings.log_interval == 0 or self.step == final_step:
                     mean = mean_across_ranks(window, ctx) / window_micro_batches
-                    throughput.add_tokens(int(float(mean[1]) * window_micro_batches * ctx.world_size))
+                    counts = torch.tensor([window_tokens, window_context], dtype=torch.float64, device=ctx.device)
+                    tokens, context = (mean_across_ranks(counts, ctx) * ctx.world_size).tolist()  # all ranks' sums
+                    throughput.add(tokens, training_flops(self.model, tokens, context))
                     if logger is not None:
                         self._log(logger, throughput, lr, mean, list(metrics), final_step)
-                    window, window_micro_batches = None, 0
+                    window, window_micro_batches, window_tokens, window_context = None, 0, 0, 0
                 if self.step % settings.save_interval == 0 or self.step == final_step:
                     self.save_checkpoint()
                     last_saved_step = self.step
@@ -409,11 +415,11 @@ class Trainer:
 
     def _log(self, logger: RunLogger, throughput: Throughput, lr: float, mean: torch.Tensor, metric_names: list[str],
              final_step: int) -> None:
-        tokens_per_sec, elapsed, eta = throughput.report(self.step, final_step)
-        extra = {name: float(value) for name, value in zip(metric_names, mean[2:])}
+        tokens_per_sec, mfu, elapsed, eta = throughput.report(self.step, final_step)
+        extra = {name: float(value) for name, value in zip(metric_names, mean[1:])}
         loss = float(mean[0])
         row = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec,
-               "elapsed": elapsed, **extra}
+               **({"mfu": mfu} if mfu is not None else {}), "elapsed": elapsed, **extra}
         line = format_log_line(self.epoch, self.settings.epochs, self.step, final_step, loss, lr, tokens_per_sec,
-                               elapsed, eta, extra)
+                               elapsed, eta, extra, mfu)
         logger.log(row, line)

@@ -11,8 +11,9 @@ Run (model flags are the same as eval_model.py's):
 Then:
     python scripts/chat_openai_api.py --base_url http://127.0.0.1:8998/v1
 
-Generation is CPU/GPU bound, so it runs on one worker thread, never on the event loop: requests queue up in
-arrival order and are answered one after the other, while `/health` and new connections stay responsive.
+Generation runs on one background thread, never on the event loop, with continuous batching: concurrent
+requests share every decode step (up to --max_batch at once; a step costs little more for 8 rows than for 1), new
+requests join between steps and finished ones leave, while `/health` and new connections stay responsive.
 """
 from __future__ import annotations
 
@@ -21,10 +22,8 @@ import asyncio
 import hmac
 import json
 import sys
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
@@ -37,13 +36,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `model` when run as `python scripts/...`
 
 from model.common import MODEL_MODES, PRETRAIN_MODE, REASON_MODE, exit_on_input_error  # noqa: E402
+from model.batching import ContinuousBatcher, Sampling  # noqa: E402
 from model.inference import (  # noqa: E402
     GenerationResult,
     Piece,
     ReplyRouter,
+    ReplyText,
     add_model_args,
+    chat_prompt,
     load_model,
-    stream_chat,
 )
 
 DEFAULT_MAX_TOKENS = 512  # when a request names no max_tokens; the context length bounds it as well
@@ -144,65 +145,55 @@ def generation_failed(exc: Exception) -> APIError:
 
 
 class GenerationWorker:
-    """Runs chat generations one at a time on a single background thread.
+    """Streams chat replies out of a ContinuousBatcher (model/batching.py), which runs the model on its own thread:
+    concurrent requests share its decode steps, up to max_batch at a time, and the event loop only awaits tokens
+    handed over with `call_soon_threadsafe`, so it never blocks on the model. Text (stop strings, whole
+    characters) is made here from the tokens, by the same ReplyText the terminal chat uses."""
 
-    A one-thread executor is both the lock and a fair (first come, first served) queue for the model; the event
-    loop only awaits text deltas handed over with `call_soon_threadsafe`, so it never blocks on the model.
-    """
+    def __init__(self, model, tokenizer, max_context: int, continuation: bool, max_batch: int = 8):
+        self.tokenizer, self.max_context, self.continuation = tokenizer, max_context, continuation
+        self.batcher = ContinuousBatcher(model, max_batch=max_batch, eos_token_id=tokenizer.eos_token_id)
 
-    def __init__(self, model, tokenizer, max_context: int, continuation: bool):
-        self.model, self.tokenizer = model, tokenizer
-        self.max_context, self.continuation = max_context, continuation
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minimind-generate")
-        self.count_lock = threading.Lock()
-        self.pending = 0  # requests accepted and not finished, reported by /health
+    @property
+    def pending(self) -> int:
+        """Requests accepted and not finished, reported by /health."""
+        return self.batcher.active
 
-    def _count(self, change: int) -> None:
-        with self.count_lock:
-            self.pending += change
-
-    async def stream(self, messages: list[dict[str, str]], **sampling) -> AsyncIterator[str | GenerationResult]:
+    async def stream(self, messages: list[dict[str, str]], *, max_new_tokens: int, stop: list[str] | None = None,
+                     **sampling) -> AsyncIterator[str | GenerationResult]:
         """Yield the reply's text deltas, then its GenerationResult. Closing this generator early (the client
-        went away) stops the generation before its next token."""
+        went away) makes the request leave the batch before the next step."""
+        prompt = chat_prompt(self.tokenizer, messages, max_new_tokens, self.max_context, self.continuation)
+        reply = ReplyText(self.tokenizer, len(prompt.ids), stop)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        cancelled = threading.Event()
+        events: asyncio.Queue[int | Exception | None] = asyncio.Queue()
 
-        def hand_over(kind: str, value: Any) -> None:
+        def hand_over(item: int | Exception | None) -> None:
             try:
-                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+                loop.call_soon_threadsafe(events.put_nowait, item)
             except RuntimeError:  # the event loop is closed: nobody is listening any more
-                cancelled.set()
+                pass
 
-        def run() -> None:
-            try:
-                chat = stream_chat(self.model, self.tokenizer, messages, max_context=self.max_context,
-                                   continuation=self.continuation, **sampling)
-                while not cancelled.is_set():
-                    try:
-                        delta = next(chat)
-                    except StopIteration as finished:
-                        hand_over("result", finished.value)
-                        return
-                    hand_over("delta", delta)
-                chat.close()
-            except Exception as exc:  # reported to this request's client; the worker thread serves the next one
-                hand_over("error", exc)
-            finally:
-                self._count(-1)
-
-        self._count(+1)
-        loop.run_in_executor(self.executor, run)
+        handle = self.batcher.submit(prompt.ids, prompt.budget, Sampling(**sampling), hand_over, hand_over)
         try:
-            while True:
-                kind, value = await events.get()
-                if kind == "error":
-                    raise value
-                yield value
-                if kind == "result":
-                    return
+            while not reply.done and (item := await events.get()) is not None:
+                delta = ""
+                while True:  # every token already there goes out as one delta: fewer events when the loop lags
+                    if isinstance(item, Exception):
+                        raise item
+                    delta += reply.push(item)
+                    if reply.done or events.empty() or (item := events.get_nowait()) is None:
+                        break
+                if delta:
+                    yield delta
+                if item is None:
+                    break
+            last, result = reply.finish()
+            if last:
+                yield last
+            yield result
         finally:
-            cancelled.set()
+            handle.cancel()  # nothing to do if it already finished
 
     async def start(self, messages: list[dict[str, str]], **sampling) -> AsyncIterator[str | GenerationResult]:
         """stream(), once its first item is there: a request the model cannot take fails before any response is
@@ -226,8 +217,8 @@ class GenerationWorker:
         return first_then_rest()
 
     def close(self) -> None:
-        """Drop queued requests and let the running one stop (its client is gone when the server stops)."""
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the batcher (the clients of requests still running are gone when the server stops)."""
+        self.batcher.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,17 +232,20 @@ def create_app(
     api_key: str | None = None,
     max_context: int | None = None,
     model_mode: int = 1,
+    max_batch: int = 8,
 ) -> FastAPI:
     """The FastAPI app serving `model` (a MiniMindLM in eval mode) and its tokenizer.
 
     max_context bounds prompt + reply tokens (default: the model's max_seq_len); longer conversations lose their
     oldest turns, then tokens from the left, the system message kept. model_mode is eval_model.py's: 0 continues
-    the last message as raw text (pretrained model), 3 returns the think part as `reasoning_content`.
+    the last message as raw text (pretrained model), 3 returns the think part as `reasoning_content`. Up to
+    max_batch requests are generated together (continuous batching); more wait for a free row.
     """
     if model_mode not in MODEL_MODES:
         raise ValueError(f"model_mode must be one of {sorted(MODEL_MODES)}, got {model_mode}")
     reasoning = model_mode == REASON_MODE
-    worker = GenerationWorker(model, tokenizer, max_context or model.config.max_seq_len, model_mode == PRETRAIN_MODE)
+    worker = GenerationWorker(model, tokenizer, max_context or model.config.max_seq_len, model_mode == PRETRAIN_MODE,
+                              max_batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -420,6 +414,8 @@ def main() -> None:
     server.add_argument("--port", type=int, default=8998)
     server.add_argument("--api_key", default=None, help="if set, requests must send `Authorization: Bearer <key>`")
     server.add_argument("--model_name", default=None, help="model id reported by /v1/models (default: minimind-{stage})")
+    server.add_argument("--max_batch", type=int, default=8,
+                        help="requests generated together (continuous batching); more wait for a free row")
     args = parser.parse_args()
 
     import uvicorn
@@ -427,7 +423,7 @@ def main() -> None:
     model, tokenizer = exit_on_input_error(lambda: load_model(args))
     name = args.model_name or f"minimind-{MODEL_MODES[args.model_mode]}"
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key, max_context=args.max_seq_len,
-                     model_mode=args.model_mode)
+                     model_mode=args.model_mode, max_batch=args.max_batch)
     print(f"serving {name} ({model.num_parameters() / 1e6:.1f}M parameters) on http://{args.host}:{args.port}/v1")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 

@@ -155,7 +155,8 @@ def tiny_model(seed=0, **overrides) -> tuple[MiniMindLM, LMConfig, dict]:
     "name,count", [("MiniMind2-Small", 25_829_888), ("MiniMind2", 104_030_976), ("MiniMind2-MoE", 145_029_760)]
 )
 def test_preset_parameter_counts(name, count):
-    model = MiniMindLM(preset(name))
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model = MiniMindLM(preset(name))
     assert model.num_parameters() == count
     assert model.tok_embeddings.weight is model.output.weight
 
@@ -373,3 +374,75 @@ def test_config_rejects_bad_values():
     cfg = LMConfig(dim=96, n_layers=3, use_moe=True, inference_rope_scaling={"type": "yarn", "factor": 2.0})
     again = LMConfig.from_dict(cfg.to_dict())
     assert (again.dim, again.n_layers, again.use_moe, again.inference_rope_scaling) == (96, 3, True, cfg.inference_rope_scaling)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding internals: the growing KV cache, fused projections, packed rows
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_kv_cache_growing_in_small_chunks_decodes_like_the_full_forward(use_moe):
+    from model.model import KVCache
+    model, cfg, _ = tiny_model(seed=17, use_moe=use_moe)
+    model.eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 23), generator=torch.Generator().manual_seed(18))
+    cache = KVCache(cfg.n_layers, chunk=4)  # grows 4 -> 8 -> 16 -> 32 while the tokens come
+    pieces = [model(ids[:, :3], past_key_values=cache).logits]
+    capacities = set()
+    for t in range(3, 23):
+        pieces.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+        capacities.add(cache.keys[0].shape[2])
+    assert cache.length == 23 and capacities == {4, 8, 16, 32}
+    torch.testing.assert_close(torch.cat(pieces, dim=1), model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_cache_memory_follows_the_tokens_not_max_seq_len():
+    short, cfg, sd = tiny_model(seed=19)
+    long = MiniMindLM(LMConfig(**{**cfg.to_dict(), "max_seq_len": 32768}))
+    long.load_state_dict(sd)
+    ids = torch.randint(3, cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(20))
+    for model in (short.eval(), long.eval()):
+        out = model(ids, use_cache=True)
+        for _ in range(40):
+            out = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values)
+        cache = out.past_key_values
+        assert cache.length == 50 and cache.keys[0].shape[2] == 256  # one chunk, whatever max_seq_len says
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_fused_projections_compute_the_same_logits(use_moe):
+    model, cfg, _ = tiny_model(seed=21, use_moe=use_moe)
+    model.eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(22))
+    before = model(ids).logits
+    generation_before = model.generate(ids, max_new_tokens=8, temperature=0)
+    model.fuse_for_inference()
+    assert "layers.0.attention.wqkv.weight" in model.state_dict()
+    assert not any(name.endswith(("wq.weight", "w1.weight")) for name in model.state_dict())
+    torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=0)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, temperature=0), generation_before)
+
+
+def test_positions_restart_in_every_document():
+    from model.model import document_causal_mask, positions_in_documents
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [5, 5, 7, 7, 7, 7, 7, 9, 9]])
+    assert positions_in_documents(docs).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 4, 0, 1]]
+    mask = document_causal_mask(docs)[1, 0]
+    for q in range(9):  # a query sees exactly the keys of its document at or before it
+        assert [k for k in range(9) if mask[q, k]] == [k for k in range(q + 1) if docs[1, k] == docs[1, q]]
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_a_packed_row_gives_each_document_its_own_logits(use_moe):
+    model, cfg, _ = tiny_model(seed=23, use_moe=use_moe)
+    model.eval()
+    g = torch.Generator().manual_seed(24)
+    docs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (5, 9, 1, 6)]
+    row = torch.cat(docs)[None]
+    doc_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    packed = model(row, document_ids=doc_ids).logits[0]
+    start = 0
+    for doc in docs:
+        alone = model(doc[None]).logits[0]
+        torch.testing.assert_close(packed[start : start + len(doc)], alone, atol=1e-5, rtol=0)
+        start += len(doc)

@@ -13,7 +13,7 @@ import torch
 
 from conftest import CPU_FP32, TINY_FLAGS, TORCHRUN_2, run, same_weights, tiny_model, write_lines
 from model.common import MissingInputError
-from model.dataset import PadCollator, SFTDataset
+from model.dataset import PackedCollator, PackedDataset, PadCollator, SFTDataset
 from model.LMConfig import LMConfig
 from model.model import MiniMindLM
 from model.train_log import read_metrics
@@ -56,9 +56,17 @@ def test_loss_matches_a_hand_computed_example():
     assert float(soft_kl(student, teacher, torch.zeros(1, 2), temperature)) == 0.0  # nothing counted
 
 
-def test_teacher_equal_to_student_gives_zero_kl_and_the_plain_ce_gradient(shared_data, tokenizer):
-    dataset = SFTDataset(shared_data / "sft_mini.jsonl", tokenizer, max_length=64)
-    batch = PadCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_teacher_equal_to_student_gives_zero_kl_and_the_plain_ce_gradient(tmp_path, shared_data, tokenizer, packed):
+    """Packed rows: the KL is 0 only if the teacher, too, reads each document alone (gets the document_ids)."""
+    if packed:
+        dataset = PackedDataset(write_lines(shared_data / "sft_mini.jsonl", tmp_path / "sft.jsonl", 0, 16), tokenizer,
+                                max_length=512, chat=True)
+        shared_rows = [dataset[r] for r in range(len(dataset)) if len(dataset[r]) > 1]  # rows of several documents
+        batch = PackedCollator(tokenizer.pad_token_id, dataset.row_length)(shared_rows[:2])
+    else:
+        dataset = SFTDataset(shared_data / "sft_mini.jsonl", tokenizer, max_length=64)
+        batch = PadCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
     torch.manual_seed(0)
     student, teacher = tiny_model(), tiny_model()
     teacher.load_state_dict(student.state_dict())
@@ -67,7 +75,8 @@ def test_teacher_equal_to_student_gives_zero_kl_and_the_plain_ce_gradient(shared
 
     loss, metrics = make_distillation_loss(teacher, alpha, temperature=1.5)(student, batch)
     assert float(metrics["kl"]) == 0.0
-    ce = masked_cross_entropy(student(batch[0]).logits, batch[1], batch[2])
+    ce = masked_cross_entropy(student(batch.input_ids, document_ids=batch.document_ids).logits, batch.labels,
+                              batch.loss_mask)
     assert float(metrics["ce"]) == float(ce.detach())
     loss.backward()
     distilled_gradient = [p.grad.clone() for p in student.parameters()]

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from conftest import (
     CPU_FP32, ROOT, TINY_FLAGS, TOKENIZER_DIR, run, same_weights, subprocess_env, tiny_model, write_lines,
 )
-from model.dataset import PretrainDataset, SFTDataset
+from model.dataset import PackedDataset, PretrainDataset, SFTDataset
 from model.model import MiniMindLM
 from model.train_log import read_metrics
 
@@ -136,6 +136,32 @@ def test_stop_and_resume_is_bit_identical(tmp_path, tmp_path_factory, shared_dat
     if use_wandb:  # the resumed run continued the same wandb run
         assert final["wandb_run_id"] == first["wandb_run_id"] is not None
         assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{first['wandb_run_id']}"))) == 2
+
+
+@pytest.mark.slow
+def test_packed_sft_on_a_token_file_stops_and_resumes_bit_identically(tmp_path, shared_data, tokenizer):
+    """Conversations pretokenized once, then SFT on packed rows (2 DataLoader workers, dropout): a run stopped inside
+    the first epoch and resumed past the second epoch's start equals the uninterrupted run, weights and losses."""
+    jsonl = write_lines(shared_data / "sft_mini.jsonl", tmp_path / "sft.jsonl", 0, 120)
+    run([sys.executable, "scripts/pretokenize.py", "--data_path", str(jsonl), "--kind", "chat"])
+    rows = len(PackedDataset(tmp_path / "sft.bin", tokenizer, max_length=256, chat=True))
+    steps_per_epoch = rows // 8  # batch 4 x accumulation 2
+    stop, total = steps_per_epoch - 2, steps_per_epoch + 2
+    command = [sys.executable, "train_full_sft.py", *CPU_FP32, *TINY_FLAGS, "--from_weight", "none",
+               "--data_path", str(tmp_path / "sft.bin"), "--packed", "1", "--max_seq_len", "256", "--batch_size", "4",
+               "--accumulation_steps", "2", "--epochs", "2", "--dropout", "0.1", "--learning_rate", "2e-3",
+               "--log_interval", "1", "--save_interval", "3", "--num_workers", "2"]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    stdout = run([*command, "--out_dir", str(reference), "--max_steps", str(total)])
+    assert f"packed 120 documents into {rows} rows of 255 positions" in stdout
+    run([*command, "--out_dir", str(resumed), "--max_steps", str(stop)])
+    stdout = run([*command, "--out_dir", str(resumed), "--max_steps", str(total), "--resume", "1"])
+    assert f"at step {stop} (epoch 1, sample {stop * 8}/{rows}" in stdout
+    assert same_weights(torch.load(resumed / "full_sft_64.pth", weights_only=True),
+                        torch.load(reference / "full_sft_64.pth", weights_only=True))
+    ours, theirs = read_metrics(resumed / "full_sft_64_metrics.jsonl"), read_metrics(reference / "full_sft_64_metrics.jsonl")
+    assert [r["step"] for r in ours] == list(range(1, total + 1))
+    assert [(r["loss"], r["lr"]) for r in ours] == [(r["loss"], r["lr"]) for r in theirs]
 
 
 # Runs a script (argv[1:]) with torch.save writing its first bytes, flushing them, and pausing 1.5 s, so that a

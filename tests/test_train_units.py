@@ -27,10 +27,13 @@ from model.checkpoint import (
 )
 from model.cli import parse_training_args, str2bool, train_settings, training_parser
 from model.common import WeightsMismatchError
-from model.dataset import PadCollator
+from model.dataset import Batch, PackedCollator, PackedDataset, PadCollator
 from model.LMConfig import LMConfig
 from model.model import MiniMindLM
-from model.train_log import MetricsFile, RunLogger, format_duration, format_log_line, read_metrics
+from model.train_log import (
+    MetricsFile, RunLogger, Throughput, format_duration, format_log_line, peak_flops, peak_flops_of, read_metrics,
+    training_flops,
+)
 from model.trainer import (
     GlobalBatchSampler,
     Trainer,
@@ -43,7 +46,7 @@ from model.trainer import (
 from model.distributed import DistContext, deepspeed_config
 
 import conftest
-from conftest import ROOT
+from conftest import ROOT, write_lines
 
 CPU = torch.device("cpu")
 TINY = {**conftest.TINY, "vocab_size": 64}
@@ -120,9 +123,9 @@ def test_training_loop_runs_the_model_in_the_requested_dtype(tmp_path, dtype_nam
     seen_dtypes = []
 
     def recording_loss(model, batch):
-        out = model(batch[0])
+        out = model(batch.input_ids)
         seen_dtypes.append(out.logits.dtype)
-        return masked_cross_entropy(out.logits, batch[1], batch[2]), {}
+        return masked_cross_entropy(out.logits, batch.labels, batch.loss_mask), {}
 
     torch.manual_seed(0)
     model = MiniMindLM(LMConfig(**TINY))
@@ -142,6 +145,31 @@ def test_training_loop_runs_the_model_in_the_requested_dtype(tmp_path, dtype_nam
     saved = torch.load(tmp_path / "t.pth", weights_only=True)  # --save_dtype: the weights file's precision
     assert {v.dtype for v in saved.values()} == {expected}
     MiniMindLM(LMConfig(**TINY)).load_state_dict(saved, strict=True)
+
+
+@pytest.mark.slow  # torch.compile takes ~45 s on this CPU even for the tiny model
+def test_compiled_model_trains_like_the_eager_one(tmp_path):
+    """--compile goes through the backend: the loop calls the compiled model, the same losses come out, and the
+    weights file holds the plain module's names."""
+    losses, weights, called = {}, {}, {}
+    for compiled in (False, True):
+        settings = TrainSettings(dtype="float32", batch_size=2, max_steps=3, log_interval=1, compile=compiled)
+
+        def recording_loss(model, batch):
+            called[compiled] = type(model).__name__
+            return causal_lm_loss(model, batch)
+
+        torch.manual_seed(0)
+        ctx = DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
+        Trainer(settings, ctx, MiniMindLM(LMConfig(**TINY)), tiny_dataset(16, 8), PadCollator(0), recording_loss,
+                weights_file=tmp_path / f"c{int(compiled)}.pth").fit()
+        losses[compiled] = [r["loss"] for r in read_metrics(tmp_path / f"c{int(compiled)}_metrics.jsonl")]
+        weights[compiled] = torch.load(tmp_path / f"c{int(compiled)}.pth", weights_only=True)
+    assert called == {False: "MiniMindLM", True: "OptimizedModule"}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert weights[True].keys() == weights[False].keys()
+    for name in weights[False]:
+        torch.testing.assert_close(weights[True][name], weights[False][name], rtol=1e-4, atol=1e-5)
 
 
 def test_moe_balancing_loss_is_trained_and_logged(tmp_path):
@@ -183,15 +211,45 @@ def test_causal_lm_loss_adds_the_moe_balancing_loss():
     torch.manual_seed(0)
     model = MiniMindLM(LMConfig(**TINY, use_moe=True)).train()
     x = torch.randint(0, 64, (2, 6))
-    batch = (x, torch.roll(x, -1, 1), torch.ones(2, 6))
+    batch = Batch(x, torch.roll(x, -1, 1), torch.ones(2, 6))
     loss, metrics = causal_lm_loss(model, batch)
     torch.manual_seed(0)
     out = model(x)
     assert out.aux_loss.item() > 0
     assert metrics["aux_loss"].item() == pytest.approx(out.aux_loss.item())
-    assert loss.item() == pytest.approx(masked_cross_entropy(out.logits, batch[1], batch[2]).item() + out.aux_loss.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(masked_cross_entropy(out.logits, batch.labels, batch.loss_mask).item() + out.aux_loss.item(), rel=1e-6)
     dense_loss, dense_metrics = causal_lm_loss(MiniMindLM(LMConfig(**TINY)), batch)
     assert dense_metrics == {}
+
+
+def test_packed_training_loss_falls_and_counts_only_document_tokens(tmp_path, shared_data, tokenizer):
+    """Rows of whole documents through the real loop: the loss on those rows falls, and what tokens/s counts is the
+    document tokens (document_ids >= 0), not the padding."""
+    dataset = PackedDataset(write_lines(shared_data / "pretrain_mini.jsonl", tmp_path / "p.jsonl", 0, 160), tokenizer,
+                            max_length=128)
+    collate = PackedCollator(tokenizer.pad_token_id, dataset.row_length)
+    settings = TrainSettings(dtype="float32", batch_size=4, max_steps=8, log_interval=2, learning_rate=1e-2)
+    seen = []
+
+    def recording_loss(model, batch):
+        seen.append((batch.useful_tokens, int((batch.document_ids >= 0).sum()), tuple(batch.input_ids.shape)))
+        return causal_lm_loss(model, batch)
+
+    def loss_on_rows(model) -> float:
+        with torch.no_grad():
+            return float(causal_lm_loss(model.eval(), collate([dataset[r] for r in range(0, len(dataset), 8)]))[0])
+
+    torch.manual_seed(0)
+    model = MiniMindLM(LMConfig(**conftest.TINY, vocab_size=6400))
+    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
+    with conftest.one_thread():
+        before = loss_on_rows(model)
+        Trainer(settings, ctx, model, dataset, collate, recording_loss, weights_file=tmp_path / "packed.pth").fit()
+        after = loss_on_rows(model)
+    assert after < before - 0.5, (before, after)
+    assert [r["step"] for r in read_metrics(tmp_path / "packed_metrics.jsonl")] == [2, 4, 6, 8]
+    assert len(seen) == 8 and all(useful == counted and shape == (4, 127) for useful, counted, shape in seen)
+    assert any(useful < 4 * 127 for useful, _, _ in seen)  # some rows end in padding, which is not counted
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,6 +437,39 @@ def test_log_line_format():
     assert line == ("epoch 1/2 | step 40/300 | loss 4.2187 | lr 4.87e-04 | 1,523 tok/s | elapsed 0:01:12 | "
                     "eta 0:07:48 | aux_loss 0.0123")
     assert format_duration(3725) == "1:02:05"
+    with_mfu = format_log_line(0, 2, 40, 300, 4.21874, 4.87e-4, 1523.4, 72, 468, mfu=0.41349)
+    assert " | 1,523 tok/s | mfu 41.3% | elapsed 0:01:12 | " in with_mfu
+
+
+@pytest.mark.parametrize("use_moe", [False, True], ids=["dense", "moe"])
+def test_training_flops_match_torch_flop_counter(use_moe):
+    """6 FLOPs per weight and token plus the attention term, against torch's own count of one forward and backward
+    (explicit attention, whose matmuls it counts); only the norm weights, which do no matmul, differ."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = conftest.tiny_model(use_moe=use_moe, flash_attn=False).train()
+    inputs = torch.randint(0, 6400, (2, 40))
+    with FlopCounterMode(display=False) as counter:
+        out = model(inputs)
+        (out.logits.float().logsumexp(-1).mean() + out.aux_loss).backward()
+    norm_weights = (2 * model.config.n_layers + 1) * model.config.dim
+    assert training_flops(model, 80, 80 * 40) == counter.get_total_flops() + 6 * norm_weights * 80
+
+
+def test_mfu_needs_a_known_gpu():
+    assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_of("NVIDIA H100 PCIe") == 756e12 and peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_of("NVIDIA GeForce RTX 4090") == 165.2e12 and peak_flops_of("Tesla V100-PCIE-32GB") == 112e12
+    assert peak_flops_of("NVIDIA L4") == 121e12 and peak_flops_of("NVIDIA L40S") == 362e12
+    assert peak_flops_of("NVIDIA A10") == 125e12 and peak_flops_of("NVIDIA A10G") is None  # A10G: not in the table
+    assert peak_flops(CPU) is None
+    throughput = Throughput(start_step=0, peak_flops=100e12)
+    throughput.last_time -= 2.0
+    throughput.add(tokens=1000, flops=50e12)
+    tokens_per_sec, mfu, _, _ = throughput.report(step=1, final_step=2)
+    assert tokens_per_sec == pytest.approx(500, rel=1e-3) and mfu == pytest.approx(0.25, rel=1e-3)
+    assert Throughput(start_step=0).report(1, 2)[1] is None  # no peak (CPU): no MFU
 
 
 def test_metrics_file_drops_rows_past_the_resumed_step(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
@@ -36,7 +37,7 @@ def out_dir(tmp_path_factory) -> Path:
     write_tiny_checkpoint(out / "rlhf_96.pth")  # named dim 96, holds dim 64: cannot load
     (out / "not_a_model.txt").write_text("ignored")
     tiny_model, tokenizer = load_tiny(out)
-    save_hf_folder(tiny_model.state_dict(), tiny_model.config, str(out / "tiny-hf"), tokenizer)
+    save_hf_folder(torch.load(out / "full_sft_64.pth"), tiny_model.config, str(out / "tiny-hf"), tokenizer)
     return out
 
 

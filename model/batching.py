@@ -53,7 +53,7 @@ class Request:
     on_error: Callable[[Exception], None]  # instead of None, if generation failed
     generated: int = 0
     cancelled: bool = False
-    seen: torch.Tensor | None = None  # (1, vocab) bool: tokens in the context, for the repetition penalty
+    seen: torch.Tensor | None = None  # (1, vocab) bool: tokens in the context, kept for a repetition penalty only
     generator: torch.Generator | None = None
 
 
@@ -147,9 +147,9 @@ class ContinuousBatcher:
         if request.cancelled:
             request.on_token(None)
             return
-        vocab = self.model.config.vocab_size
-        request.seen = torch.zeros(1, vocab, dtype=torch.bool, device=self.device)
-        request.seen[0, torch.tensor(request.prompt, device=self.device)] = True
+        if request.sampling.repetition_penalty != 1.0:  # as in stream_generate: tracked only when it is used
+            request.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+            request.seen[0, torch.tensor(request.prompt, device=self.device)] = True
         if request.sampling.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(request.sampling.seed)
         ids = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
@@ -178,7 +178,8 @@ class ContinuousBatcher:
         s = request.sampling
         token = sample_next_token(logits.float(), request.seen, s.temperature, s.top_p, s.top_k,
                                   s.repetition_penalty, request.generator)
-        request.seen[0, token] = True
+        if request.seen is not None:
+            request.seen[0, token] = True
         return int(token[0])
 
     def _emit(self, request: Request, token: int) -> bool:

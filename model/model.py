@@ -181,16 +181,16 @@ class Attention(nn.Module):
             k, v = cache.update(layer_index, k, v)  # (B, n_kv, S, hd)
 
         dropout_p = self.dropout if self.training else 0.0
-        causal = mask is None and T > 1
         if self.flash and T == 1:
             # Decoding, one query per head: the n_heads / n_kv_heads queries that share a KV head become that head's
             # queries, so attention reads the cache as it is instead of copying it per query head.
             grouped = q.reshape(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
             y = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).view(B, self.n_heads, 1, self.head_dim)
-        elif self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=True)
+        elif self.flash:  # T > 1 here
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None,
+                                               enable_gqa=True)
         else:
-            y = self.explicit_attention(q, k, v, mask, causal, dropout_p)
+            y = self.explicit_attention(q, k, v, mask, mask is None and T > 1, dropout_p)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(y))
 

@@ -17,10 +17,11 @@ stage script supplies only what makes it different:
 
 Data order and exact resume. Each epoch uses one permutation of the dataset, drawn from (seed, epoch) alone. The
 permutation is consumed in global micro-batches of batch_size * world_size samples, rank r taking the r-th
-slice of batch_size, and in optimizer steps of accumulation_steps micro-batches. An epoch is floor(N / global
-batch) optimizer steps; its last N mod global-batch samples are skipped (a different set every epoch). The
-position in the epoch is therefore a sample count, which the resume file stores: resuming recomputes the
-permutation and starts from that sample, without reading the skipped batches, and it does so for any world size.
+slice of batch_size, and in optimizer steps of accumulation_steps micro-batches. An epoch is ceil(N / global
+batch) optimizer steps, so every sample is trained on: the last step is filled up with the first samples of the
+permutation again. The position in the epoch is therefore a sample count, which the resume file stores: resuming
+recomputes the permutation and starts from that sample, without reading the batches before it, and it does so
+for any world size.
 Checkpoints are taken only between optimizer steps, so there is never a half-accumulated gradient to save.
 
 Packed data (model.dataset.PackedDataset) needs nothing special here: a sample is a row of whole documents, and
@@ -126,11 +127,18 @@ def epoch_permutation(dataset_size: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(dataset_size, generator=generator).tolist()
 
 
+def steps_to_cover(samples: int, samples_per_step: int) -> int:
+    """Optimizer steps needed to see `samples` samples, the last one possibly part-filled (ceil division)."""
+    return max(0, -(-samples // samples_per_step))
+
+
 class GlobalBatchSampler(Sampler[list[int]]):
     """This rank's micro-batches of one epoch, starting `start` samples into the epoch's permutation.
 
     Global micro-batch m covers permutation[start + m*B*W : start + (m+1)*B*W] (B = batch_size, W = world_size);
-    rank r takes its r-th slice of B. Only whole optimizer steps (accumulation_steps micro-batches) are yielded.
+    rank r takes its r-th slice of B. An epoch is a whole number of optimizer steps (accumulation_steps
+    micro-batches each) that covers every sample: the last step, where the permutation runs out, is filled from its
+    beginning again (as torch's DistributedSampler pads), so every step and every rank has the same shape.
     """
 
     def __init__(self, dataset_size: int, batch_size: int, rank: int, world_size: int, accumulation_steps: int,
@@ -139,7 +147,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.seed, self.epoch, self.start = seed, epoch, start
         self.samples_per_micro_batch = batch_size * world_size
         self.samples_per_step = self.samples_per_micro_batch * accumulation_steps
-        self.steps = max(dataset_size - start, 0) // self.samples_per_step
+        self.steps = steps_to_cover(dataset_size - start, self.samples_per_step)
         self.accumulation_steps = accumulation_steps
 
     def __len__(self) -> int:
@@ -149,7 +157,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         order = epoch_permutation(self.dataset_size, self.seed, self.epoch)
         for micro in range(len(self)):
             first = self.start + micro * self.samples_per_micro_batch + self.rank * self.batch_size
-            yield order[first : first + self.batch_size]
+            yield [order[i % self.dataset_size] for i in range(first, first + self.batch_size)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,7 +289,7 @@ class Trainer:
         if self.ctx.is_main:
             print(
                 f"resumed from {self.resume_file} at step {self.step} (epoch {self.epoch + 1}, sample "
-                f"{self.epoch_samples}/{self.dataset_size}; written by {state['world_size']} process(es), "
+                f"{min(self.epoch_samples, self.dataset_size)}/{self.dataset_size}; written by {state['world_size']} process(es), "
                 f"now {self.ctx.world_size})",
                 flush=True,
             )
@@ -330,8 +338,8 @@ class Trainer:
 
     def total_steps(self) -> int:
         """Optimizer steps of the whole run from the current position (fixes the LR schedule's length)."""
-        steps_per_epoch = self.dataset_size // self.samples_per_step
-        left_in_epoch = max(self.dataset_size - self.epoch_samples, 0) // self.samples_per_step
+        steps_per_epoch = steps_to_cover(self.dataset_size, self.samples_per_step)
+        left_in_epoch = steps_to_cover(self.dataset_size - self.epoch_samples, self.samples_per_step)
         return self.step + left_in_epoch + (self.settings.epochs - self.epoch - 1) * steps_per_epoch
 
     def fit(self) -> None:

@@ -265,11 +265,14 @@ def test_epoch_permutation_is_a_fixed_permutation_per_seed_and_epoch():
 
 
 def naive_rank_batches(n, batch_size, world_size, accumulation, seed, epoch, start):
-    """Reference: walk the permutation from `start` in global micro-batches, deal slices to ranks, keep whole steps."""
-    order = epoch_permutation(n, seed, epoch)[start:]
+    """Reference: walk the permutation from `start` in global micro-batches, deal slices to ranks, and fill the
+    last step up with the permutation's first samples."""
+    permutation = epoch_permutation(n, seed, epoch)
+    order = permutation[start:]
     global_micro = batch_size * world_size
     step_size = global_micro * accumulation
-    order = order[: len(order) // step_size * step_size]
+    while len(order) % step_size:
+        order = order + permutation[: step_size - len(order) % step_size]
     per_rank = {r: [] for r in range(world_size)}
     for i in range(0, len(order), global_micro):
         for r in range(world_size):
@@ -280,11 +283,14 @@ def naive_rank_batches(n, batch_size, world_size, accumulation, seed, epoch, sta
 @pytest.mark.parametrize("n, batch_size, world_size, accumulation, start", [(50, 3, 2, 2, 0), (50, 3, 2, 2, 12), (97, 4, 3, 1, 24), (10, 2, 1, 5, 0)])
 def test_global_batch_sampler_matches_the_naive_order(n, batch_size, world_size, accumulation, start):
     expected = naive_rank_batches(n, batch_size, world_size, accumulation, seed=7, epoch=2, start=start)
+    seen = set()
     for rank in range(world_size):
         sampler = GlobalBatchSampler(n, batch_size, rank, world_size, accumulation, seed=7, epoch=2, start=start)
         batches = list(sampler)
         assert batches == expected[rank]
         assert len(sampler) == len(batches) and len(batches) % accumulation == 0
+        seen.update(i for batch in batches for i in batch)
+    assert seen >= set(epoch_permutation(n, seed=7, epoch=2)[start:])  # no sample after start is skipped
 
 
 def test_sampler_order_does_not_depend_on_world_size():

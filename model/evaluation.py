@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .dataset import DPOCollator, PadCollator
@@ -51,18 +52,29 @@ def generate_replies(model: MiniMindLM, tokenizer: PreTrainedTokenizerBase, conv
 
 
 @torch.inference_mode()
+def summed_loss(model: MiniMindLM, dataset: Dataset, batch_size: int = 64, pad_token_id: int = 0,
+                progress: bool = False) -> tuple[float, int]:
+    """Next-token cross-entropy (nats) summed over every counted token of the dataset (its loss masks), and the
+    number of those tokens; `progress` shows a bar over the samples."""
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=PadCollator(pad_token_id))
+    total, count = 0.0, 0.0
+    with tqdm(total=len(dataset), desc="loss", unit="doc", disable=not progress) as bar:
+        for inputs, labels, loss_mask in loader:
+            device = _device(model)
+            logits = model(inputs.to(device)).logits.float()  # (B, T, V)
+            per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.to(device).flatten(),
+                                                          reduction="none")
+            mask = loss_mask.to(device).flatten()
+            total += float((per_token * mask).sum())
+            count += float(mask.sum())
+            bar.update(len(inputs))
+    return total, int(count)
+
+
 def mean_loss(model: MiniMindLM, dataset: Dataset, batch_size: int = 64, pad_token_id: int = 0) -> float:
     """Next-token cross-entropy (nats) averaged over every counted token of the dataset (its loss masks), not over
     batches, so the result does not depend on batch_size."""
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=PadCollator(pad_token_id))
-    total, count = 0.0, 0.0
-    for inputs, labels, loss_mask in loader:
-        device = _device(model)
-        logits = model(inputs.to(device)).logits.float()  # (B, T, V)
-        per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.to(device).flatten(), reduction="none")
-        mask = loss_mask.to(device).flatten()
-        total += float((per_token * mask).sum())
-        count += float(mask.sum())
+    total, count = summed_loss(model, dataset, batch_size, pad_token_id)
     return total / count if count else math.nan
 
 

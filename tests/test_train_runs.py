@@ -48,8 +48,8 @@ def test_pretrain_then_sft_lower_held_out_loss(tmp_path, shared_data):
     common = [*CPU_FP32, *TINY_FLAGS, "--max_seq_len", "128", "--batch_size", "8", "--accumulation_steps", "1",
               "--warmup_iters", "10", "--log_interval", "10", "--num_workers", "0", "--out_dir", str(out)]
 
-    # Pretrain: 800 samples / batch 8 = 100 optimizer steps, held-out texts from the end of the file.
-    train = write_lines(pretrain_file, tmp_path / "pretrain_train.jsonl", 0, 800)
+    # Pretrain: 480 samples / batch 8 = 60 optimizer steps, held-out texts from the end of the file.
+    train = write_lines(pretrain_file, tmp_path / "pretrain_train.jsonl", 0, 480)
     held = PretrainDataset(write_lines(pretrain_file, tmp_path / "pretrain_held.jsonl", 12_700, 12_800), tokenizer, 128)
     stdout = run([sys.executable, "train_pretrain.py", *common, "--data_path", str(train), "--learning_rate", "3e-3",
                   "--use_wandb", "1", "--wandb_project", "minimind-test"])
@@ -61,17 +61,17 @@ def test_pretrain_then_sft_lower_held_out_loss(tmp_path, shared_data):
     assert after < initial - 1.0, (initial, after)
 
     # The log line, the metrics file (one row per 10 steps), the loss plot and the offline wandb run.
-    assert "epoch 1/1 | step 100/100 | loss " in stdout and " tok/s | elapsed " in stdout
+    assert "epoch 1/1 | step 60/60 | loss " in stdout and " tok/s | elapsed " in stdout
     rows = read_metrics(out / "pretrain_64_metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(10, 101, 10))
+    assert [r["step"] for r in rows] == list(range(10, 61, 10))
     assert rows[-1]["loss"] < rows[0]["loss"]
     png = out / "pretrain_64_loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     wandb_id = torch.load(out / "pretrain_64_resume.pth", weights_only=True)["wandb_run_id"]
     assert wandb_id and list((out / "wandb").glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))
 
-    # SFT from those weights (the default --from_weight pretrain): 100 steps, held-out conversations.
-    sft_train = write_lines(sft_file, tmp_path / "sft_train.jsonl", 0, 800)
+    # SFT from those weights (the default --from_weight pretrain): 60 steps, held-out conversations.
+    sft_train = write_lines(sft_file, tmp_path / "sft_train.jsonl", 0, 480)
     sft_held = SFTDataset(write_lines(sft_file, tmp_path / "sft_held.jsonl", 13_100, 13_200), tokenizer, 128)
     stdout = run([sys.executable, "train_full_sft.py", *common, "--data_path", str(sft_train), "--learning_rate", "2e-3"])
     assert "from " + str(out / "pretrain_64.pth") in stdout

@@ -41,6 +41,7 @@ class LMConfig(PretrainedConfig):
         aux_loss_alpha: float = 0.1,
         seq_aux: bool = True,
         norm_topk_prob: bool = True,
+        qk_norm: bool = False,
         **kwargs,
     ):
         self.dim = dim
@@ -67,6 +68,8 @@ class LMConfig(PretrainedConfig):
         self.aux_loss_alpha = aux_loss_alpha
         self.seq_aux = seq_aux
         self.norm_topk_prob = norm_topk_prob
+        # minimind-3 (Qwen3-like): an RMSNorm over each head's query and key, before the rotary embedding.
+        self.qk_norm = qk_norm
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(**kwargs)
         self.validate()
@@ -101,6 +104,9 @@ PRESETS: dict[str, dict] = {
     "MiniMind2-Small": dict(dim=512, n_layers=8),  # 25,829,888
     "MiniMind2": dict(dim=768, n_layers=16),  # 104,030,976
     "MiniMind2-MoE": dict(dim=640, n_layers=8, use_moe=True),  # 145,029,760
+    # minimind-3 (2026), dense: Qwen3-like, per-head q/k norms, 4 KV heads, FFN ceil(768 * pi / 64) * 64 = 2432.
+    "minimind-3": dict(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=2432, norm_eps=1e-6,
+                       qk_norm=True),  # 63,912,192
 }
 
 

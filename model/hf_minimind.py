@@ -1,11 +1,13 @@
 """Hugging Face interop: MiniMind weights <-> a Hugging Face model folder.
 
-Dense models are exactly a Llama: they export as a native `LlamaForCausalLM` folder that transformers (and vLLM,
-llama.cpp's converter, lm-eval) load without remote code. Two layout differences are converted:
+Dense models are exactly a Llama (with per-head q/k norms, as minimind-3 has them, exactly a Qwen3): they export
+as a native `LlamaForCausalLM` (`Qwen3ForCausalLM`) folder that transformers (and vLLM, llama.cpp's converter,
+lm-eval) load without remote code. Two layout differences are converted:
   * names: `layers.0.attention.wq` <-> `model.layers.0.self_attn.q_proj`, w1/w3/w2 <-> gate/up/down_proj, ...
   * rotary layout: we rotate interleaved pairs (2i, 2i+1) of each head, HF Llama rotates halves (i, i + hd/2).
     Reordering the rows of wq and wk per head (even rows first, then odd rows) turns one into the other; q.k
-    dot products are unchanged because q and k get the same reordering.
+    dot products are unchanged because q and k get the same reordering. The q/k norm weights (one per position
+    within a head) are reordered the same way, since they scale q and k before the rotation.
 Mixture-of-experts models have no Llama equivalent: they export with this file, model.py, LMConfig.py and
 common.py copied into the folder (`auto_map` in config.json), loadable with `trust_remote_code=True` and no network.
 
@@ -20,7 +22,7 @@ import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig, GenerationMixin, LlamaConfig, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, LlamaConfig, PreTrainedModel, Qwen3Config
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -66,48 +68,61 @@ LAYER_NAMES = {  # ours (inside layers.{i}.) -> HF Llama (inside model.layers.{i
     "feed_forward.w3.weight": "mlp.up_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
 }
+QK_NORM_NAMES = {  # minimind-3's per-head q/k norms, as HF Qwen3 names them
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
+}
 GLOBAL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
 
 
+def layer_names(config: LMConfig) -> dict[str, str]:
+    """Our per-layer names -> HF names: Llama's, plus Qwen3's q/k norms for a qk_norm model."""
+    return {**LAYER_NAMES, **(QK_NORM_NAMES if config.qk_norm else {})}
+
+
+def to_hf_rotary(name: str, tensor: torch.Tensor, config: LMConfig, inverse: bool = False) -> torch.Tensor:
+    """A layer tensor in HF's rotated-halves layout (inverse: back to our interleaved pairs). The q/k projections'
+    rows are permuted per head, and so are the per-head q/k norm weights (one head_dim vector each)."""
+    reorder = halves_to_interleaved if inverse else interleaved_to_halves
+    if name == "attention.wq.weight":
+        return reorder(tensor, config.n_heads)
+    if name == "attention.wk.weight":
+        return reorder(tensor, config.n_kv_heads)
+    if name in QK_NORM_NAMES:
+        return reorder(tensor[:, None], 1)[:, 0]
+    return tensor
+
+
 def native_to_llama_state_dict(state: dict[str, torch.Tensor], config: LMConfig) -> dict[str, torch.Tensor]:
-    """HF Llama tensors for a dense MiniMind state dict. The tied output matrix is written once (as the
-    embedding); tie_word_embeddings=True tells loaders to reuse it for lm_head."""
+    """HF Llama (or, with qk_norm, Qwen3) tensors for a dense MiniMind state dict. The tied output matrix is
+    written once (as the embedding); tie_word_embeddings=True tells loaders to reuse it for lm_head."""
     if config.use_moe:
         raise ConfigError("a MoE model has no LlamaForCausalLM equivalent; export it with save_hf_folder (remote code)")
     check_state_matches(state, config, "state dict")
     out = {hf: state[ours] for ours, hf in GLOBAL_NAMES.items()}
     for i in range(config.n_layers):
-        for ours, hf in LAYER_NAMES.items():
-            tensor = state[f"layers.{i}.{ours}"]
-            if ours == "attention.wq.weight":
-                tensor = interleaved_to_halves(tensor, config.n_heads)
-            elif ours == "attention.wk.weight":
-                tensor = interleaved_to_halves(tensor, config.n_kv_heads)
-            out[f"model.layers.{i}.{hf}"] = tensor
+        for ours, hf in layer_names(config).items():
+            out[f"model.layers.{i}.{hf}"] = to_hf_rotary(ours, state[f"layers.{i}.{ours}"], config)
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def llama_to_native_state_dict(state: dict[str, torch.Tensor], config: LMConfig, source: str) -> dict[str, torch.Tensor]:
     """Inverse of native_to_llama_state_dict. source names the folder in error messages."""
     out = {ours: state[hf] for ours, hf in GLOBAL_NAMES.items() if hf in state}
+    names = layer_names(config)
     for i in range(config.n_layers):
-        for ours, hf in LAYER_NAMES.items():
+        for ours, hf in names.items():
             name = f"model.layers.{i}.{hf}"
             if name not in state:
                 raise WeightsMismatchError(f"{source}: weight {name} is missing")
-            tensor = state[name]
-            if ours == "attention.wq.weight":
-                tensor = halves_to_interleaved(tensor, config.n_heads)
-            elif ours == "attention.wk.weight":
-                tensor = halves_to_interleaved(tensor, config.n_kv_heads)
-            out[f"layers.{i}.{ours}"] = tensor.contiguous()
+            out[f"layers.{i}.{ours}"] = to_hf_rotary(ours, state[name], config, inverse=True).contiguous()
     if "tok_embeddings.weight" not in out:
         raise WeightsMismatchError(f"{source}: weight model.embed_tokens.weight is missing")
     lm_head = state.get("lm_head.weight")
     if lm_head is not None and not torch.equal(lm_head, out["tok_embeddings.weight"]):
         raise WeightsMismatchError(f"{source}: lm_head.weight differs from model.embed_tokens.weight; MiniMind ties them")
     out["output.weight"] = out["tok_embeddings.weight"]
-    known = {f"model.layers.{i}.{hf}" for i in range(config.n_layers) for hf in LAYER_NAMES.values()}
+    known = {f"model.layers.{i}.{hf}" for i in range(config.n_layers) for hf in names.values()}
     unexpected = set(state) - known - set(GLOBAL_NAMES.values()) - {"lm_head.weight"}
     if unexpected:
         raise WeightsMismatchError(f"{source}: unexpected weights {sorted(unexpected)[:4]} (not a MiniMind-shaped Llama)")
@@ -167,9 +182,13 @@ def rope_settings_from_hf(cfg: dict, source: str) -> tuple[float, dict | None]:
 
 
 def llama_config_for(config: LMConfig, dtype: torch.dtype, bos_token_id: int, eos_token_id: int,
-                     pad_token_id: int) -> LlamaConfig:
-    """The LlamaConfig that describes the same network as a dense MiniMind config."""
-    return LlamaConfig(
+                     pad_token_id: int) -> LlamaConfig | Qwen3Config:
+    """The transformers config that describes the same network as a dense MiniMind config: Llama, or Qwen3 for
+    a model with per-head q/k norms (minimind-3)."""
+    family = dict(config_class=Qwen3Config, architectures=["Qwen3ForCausalLM"], use_sliding_window=False) \
+        if config.qk_norm else dict(config_class=LlamaConfig, architectures=["LlamaForCausalLM"], mlp_bias=False)
+    config_class = family.pop("config_class")
+    return config_class(
         vocab_size=config.vocab_size,
         hidden_size=config.dim,
         intermediate_size=config.hidden_dim,
@@ -183,17 +202,19 @@ def llama_config_for(config: LMConfig, dtype: torch.dtype, bos_token_id: int, eo
         rope_parameters=rope_parameters_for_hf(config),
         tie_word_embeddings=True,
         attention_bias=False,
-        mlp_bias=False,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
-        architectures=["LlamaForCausalLM"],
         dtype=dtype,
+        **family,
     )
 
 
 def lmconfig_from_llama(cfg: dict, source: str) -> LMConfig:
-    """A dense LMConfig from a Llama config.json dict; fields MiniMind cannot express raise ConfigError."""
+    """A dense LMConfig from a Llama or Qwen3 config.json dict (Qwen3: per-head q/k norms); fields MiniMind
+    cannot express raise ConfigError."""
+    if cfg.get("model_type") == "qwen3" and cfg.get("use_sliding_window"):
+        raise ConfigError(f"{source}: config.json use_sliding_window=true is not supported (MiniMind attends to all)")
     for field, allowed in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(field, allowed) != allowed:
             raise ConfigError(f"{source}: config.json {field}={cfg[field]!r} is not supported (MiniMind uses {allowed!r})")
@@ -206,6 +227,7 @@ def lmconfig_from_llama(cfg: dict, source: str) -> LMConfig:
         n_kv_heads=cfg.get("num_key_value_heads") or heads, vocab_size=cfg["vocab_size"],
         hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_seq_len=cfg.get("max_position_embeddings", 8192), rope_theta=rope_theta, inference_rope_scaling=scaling,
+        qk_norm=cfg.get("model_type") == "qwen3",
     )
 
 
@@ -366,7 +388,7 @@ def load_hf_folder(hf_path: str) -> tuple[LMConfig, dict[str, torch.Tensor]]:
         raise ConfigError(f"{config_path}: invalid JSON at line {error.lineno}: {error.msg}") from None
     model_type = cfg.get("model_type")
     weights = read_hf_weights(hf_path)
-    if model_type == "llama":
+    if model_type in ("llama", "qwen3"):
         config = lmconfig_from_llama(cfg, config_path)
         return config, llama_to_native_state_dict(weights, config, hf_path)
     if model_type == LMConfig.model_type:
@@ -377,4 +399,4 @@ def load_hf_folder(hf_path: str) -> tuple[LMConfig, dict[str, torch.Tensor]]:
             state.setdefault("output.weight", state["tok_embeddings.weight"])
         check_state_matches(state, config, hf_path)
         return config, state
-    raise ConfigError(f"{config_path}: model_type {model_type!r} is neither 'llama' nor {LMConfig.model_type!r}")
+    raise ConfigError(f"{config_path}: model_type {model_type!r} is not 'llama', 'qwen3' or {LMConfig.model_type!r}")

@@ -9,10 +9,10 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, Qwen3ForCausalLM
 
 from conftest import TINY, TOKENIZER_DIR
-from model import LMConfig, MiniMindLM
+from model import LMConfig, MiniMindLM, preset
 from model.hf_minimind import halves_to_interleaved, interleaved_to_halves, load_hf_folder, save_hf_folder
 from model.inference import add_model_args, load_model
 from scripts import convert_model
@@ -239,3 +239,54 @@ def test_export_dtype_flag(dense_export, tmp_path):
     original = torch.load(weight, weights_only=True)
     assert all(v.dtype == torch.bfloat16 for v in state.values())
     assert torch.equal(state["layers.1.attention.wk.weight"], original["layers.1.attention.wk.weight"].bfloat16())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-head q/k norms (the minimind-3 layout): a plain Qwen3ForCausalLM
+
+
+def test_minimind3_preset_has_the_release_parameter_count():
+    """The count the minimind-3 release's own code gives at its defaults (tied embedding counted once)."""
+    with torch.device("meta"):
+        model = MiniMindLM(preset("minimind-3"))
+    assert model.num_parameters() == 63_912_192
+    assert model.layers[0].attention.q_norm.weight.shape == (96,)
+
+
+@pytest.fixture(scope="module")
+def qk_norm_export(tmp_path_factory, tokenizer):
+    model = tiny_model(tokenizer, seed=2, qk_norm=True)
+    with torch.no_grad():  # norm weights that differ per position, so a wrong reordering would show
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(torch.rand_like(p) + 0.5)
+    hf_path = str(tmp_path_factory.mktemp("qk_norm") / "hf")
+    save_hf_folder(model.state_dict(), model.config, hf_path, tokenizer)
+    return model, hf_path
+
+
+def test_qk_norm_export_is_plain_qwen3_with_same_logits_and_generation(qk_norm_export, tokenizer):
+    model, hf_path = qk_norm_export
+    hf = AutoModelForCausalLM.from_pretrained(hf_path).eval()  # no trust_remote_code
+    assert type(hf) is Qwen3ForCausalLM
+    assert sum(p.numel() for p in hf.parameters()) == model.num_parameters()
+    ids = sample_ids(tokenizer)
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf(ids).logits
+    assert ours.abs().max() > 1.0
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+    prompt = sample_ids(tokenizer, batch=1)
+    greedy = model.generate(prompt, max_new_tokens=24, temperature=0)
+    assert len(set(greedy[0].tolist())) > 3
+    assert torch.equal(hf.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False)[:, prompt.shape[1]:],
+                       greedy)
+
+
+def test_qk_norm_round_trip_is_exact(qk_norm_export):
+    model, hf_path = qk_norm_export
+    config, state = load_hf_folder(hf_path)
+    assert config.qk_norm and (config.n_heads, config.n_kv_heads) == (4, 2)
+    original = model.state_dict()
+    assert set(state) == set(original)
+    for key, tensor in original.items():
+        assert torch.equal(state[key], tensor), key

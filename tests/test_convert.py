@@ -35,6 +35,18 @@ def sample_ids(tokenizer, batch: int = 2) -> torch.Tensor:
     return torch.tensor(ids)  # (B, 12)
 
 
+def assert_loads_plainly_with_our_logits(model: MiniMindLM, hf_path: str, tokenizer, architecture: type) -> None:
+    """transformers loads the folder as `architecture` without remote code, with our parameter count and logits."""
+    hf = AutoModelForCausalLM.from_pretrained(hf_path).eval()  # no trust_remote_code
+    assert type(hf) is architecture
+    assert sum(p.numel() for p in hf.parameters()) == model.num_parameters()
+    ids = sample_ids(tokenizer)
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf(ids).logits
+    assert ours.abs().max() > 1.0  # logits are not trivially small
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
 def save_pth(model: MiniMindLM, path) -> str:
     torch.save(model.state_dict(), path)
     return str(path)
@@ -69,14 +81,7 @@ def dense_export(tmp_path_factory, tokenizer):
 
 def test_dense_export_is_plain_llama_with_same_logits(dense_export, tokenizer):
     model, _, hf_path = dense_export
-    hf = AutoModelForCausalLM.from_pretrained(hf_path).eval()  # no trust_remote_code
-    assert type(hf) is LlamaForCausalLM
-    assert sum(p.numel() for p in hf.parameters()) == model.num_parameters()
-    ids = sample_ids(tokenizer)
-    with torch.no_grad():
-        ours, theirs = model(ids).logits, hf(ids).logits
-    assert ours.abs().max() > 1.0  # logits are not trivially small
-    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+    assert_loads_plainly_with_our_logits(model, hf_path, tokenizer, LlamaForCausalLM)
 
 
 def test_dense_export_same_greedy_generation(dense_export, tokenizer):
@@ -267,14 +272,8 @@ def qk_norm_export(tmp_path_factory, tokenizer):
 
 def test_qk_norm_export_is_plain_qwen3_with_same_logits_and_generation(qk_norm_export, tokenizer):
     model, hf_path = qk_norm_export
-    hf = AutoModelForCausalLM.from_pretrained(hf_path).eval()  # no trust_remote_code
-    assert type(hf) is Qwen3ForCausalLM
-    assert sum(p.numel() for p in hf.parameters()) == model.num_parameters()
-    ids = sample_ids(tokenizer)
-    with torch.no_grad():
-        ours, theirs = model(ids).logits, hf(ids).logits
-    assert ours.abs().max() > 1.0
-    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+    assert_loads_plainly_with_our_logits(model, hf_path, tokenizer, Qwen3ForCausalLM)
+    hf = AutoModelForCausalLM.from_pretrained(hf_path).eval()
     prompt = sample_ids(tokenizer, batch=1)
     greedy = model.generate(prompt, max_new_tokens=24, temperature=0)
     assert len(set(greedy[0].tolist())) > 3

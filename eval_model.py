@@ -26,12 +26,10 @@ from model.common import PRETRAIN_MODE, REASON_MODE, exit_on_input_error
 from model.inference import (
     GenerationResult,
     ReplyRouter,
-    add_model_args,
-    load_model,
-    native_weight_path,
     split_reasoning,
     stream_chat,
 )
+from model.loading import add_model_args, load_model, model_source
 TEST_PROMPTS = {  # a few Chinese and English prompts per kind of model
     "pretrain": [
         "马克思主义基本原理",
@@ -177,7 +175,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
     args = parse_args(argv)
     model, tokenizer = load_model(args)
     device = next(model.parameters()).device
-    source = args.hf_path if args.load == 1 else native_weight_path(args)
+    source = model_source(args)
     out.write(f"MiniMind ({source}): {model.num_parameters() / 1e6:.2f}M parameters on {device}\n\n")
 
     history: list[dict] = []

@@ -26,9 +26,10 @@ from transformers import PreTrainedTokenizerBase
 
 from model.checkpoint import weights_path
 from model.cli import (
-    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, train_settings,
+    init_run, load_tokenizer, parse_training_args, require_data, run_stage, train_settings,
     training_data, training_parser,
 )
+from model.loading import model_from_args
 from model.common import ConfigError
 from model.dataset import Batch
 from model.trainer import Trainer, masked_cross_entropy, with_moe_aux_loss

@@ -31,12 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.checkpoint import load_weights, resolve_from_weight, weights_path
+from model.checkpoint import resolve_from_weight, weights_path
 from model.common import MissingInputError
 from model.cli import (
-    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, str2bool,
+    init_run, load_tokenizer, parse_training_args, require_data, run_stage, str2bool,
     train_settings, training_data, training_parser,
 )
+from model.loading import load_into_model, model_from_args
 from model.dataset import Batch
 from model.LMConfig import LMConfig
 from model.model import MiniMindLM
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> Trainer:
             f"teacher weights (--teacher_weight {args.teacher_weight}, sizes --teacher_dim {args.teacher_dim} "
             f"--teacher_n_layers {args.teacher_n_layers} --teacher_use_moe {int(args.teacher_use_moe)}): {error}"
         ) from None
-    load_weights(teacher, teacher_weights, "train the teacher first (train_full_sft.py with the teacher's sizes)")
+    load_into_model(teacher, teacher_weights, "train the teacher first (train_full_sft.py with the teacher's sizes)")
     if args.init_from_teacher:
         blocks = teacher_blocks_for(teacher_config.n_layers, config.n_layers)
         model.load_state_dict(student_state_from_teacher(teacher.state_dict(), blocks), strict=True)

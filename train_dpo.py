@@ -34,9 +34,10 @@ from torch import nn
 
 from model.checkpoint import weights_path
 from model.cli import (
-    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, str2bool,
+    init_run, load_tokenizer, parse_training_args, require_data, run_stage, str2bool,
     train_settings, training_parser,
 )
+from model.loading import model_from_args
 from model.dataset import DPOCollator, DPODataset
 from model.trainer import LossFn, Trainer, sequence_log_probs, with_moe_aux_loss
 

@@ -28,9 +28,10 @@ Merge the adapter into a standalone weights file, a plain state dict any MiniMin
 from __future__ import annotations
 
 from model.cli import (
-    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, train_settings,
+    init_run, load_tokenizer, parse_training_args, require_data, run_stage, train_settings,
     training_data, training_parser,
 )
+from model.loading import model_from_args
 from model.model_lora import DEFAULT_TARGETS, apply_lora, lora_path, lora_state_dict, parse_targets
 from model.trainer import Trainer, causal_lm_loss
 

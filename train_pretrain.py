@@ -19,9 +19,10 @@ Run (from the repository root, data in ./dataset/pretrain_hq.jsonl):
 
 from model.checkpoint import weights_path
 from model.cli import (
-    init_run, load_tokenizer, model_from_args, parse_training_args, require_data, run_stage, train_settings,
+    init_run, load_tokenizer, parse_training_args, require_data, run_stage, train_settings,
     training_data, training_parser,
 )
+from model.loading import model_from_args
 from model.trainer import Trainer, causal_lm_loss
 
 

@@ -6,6 +6,7 @@ checkpoints load unchanged.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 from transformers import PretrainedConfig
@@ -13,6 +14,7 @@ from transformers import PretrainedConfig
 from .common import ConfigError
 
 ROPE_SCALING_TYPES = ("linear", "ntk", "yarn")
+ROPE_LAYOUTS = ("interleaved", "half")
 
 
 class LMConfig(PretrainedConfig):
@@ -41,7 +43,10 @@ class LMConfig(PretrainedConfig):
         aux_loss_alpha: float = 0.1,
         seq_aux: bool = True,
         norm_topk_prob: bool = True,
+        norm_top1: bool = False,
         qk_norm: bool = False,
+        head_dim: int | None = None,
+        rope_layout: str = "interleaved",
         **kwargs,
     ):
         self.dim = dim
@@ -68,20 +73,33 @@ class LMConfig(PretrainedConfig):
         self.aux_loss_alpha = aux_loss_alpha
         self.seq_aux = seq_aux
         self.norm_topk_prob = norm_topk_prob
+        # With one expert per token, MiniMind2 weights its output by the router probability; minimind-3 normalises
+        # that single weight too (to 1), so the router learns from the balancing loss alone.
+        self.norm_top1 = norm_top1
         # minimind-3 (Qwen3-like): an RMSNorm over each head's query and key, before the rotary embedding.
         self.qk_norm = qk_norm
+        self.head_dim = head_dim if head_dim is not None else dim // n_heads
+        # Which dimensions of a head RoPE rotates together: "interleaved" pairs (2i, 2i+1), as MiniMind2 was
+        # trained, or "half": (i, i + head_dim/2), as Llama, Qwen3 and the later MiniMind releases. Either is
+        # the other with the q/k projection rows reordered (model/releases.py converts weights that way).
+        self.rope_layout = rope_layout
+        # tie_word_embeddings (a PretrainedConfig field): the output head shares the embedding matrix (default);
+        # False gives the model a separate output matrix.
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(**kwargs)
         self.validate()
 
     def validate(self) -> None:
         """Fail early, naming the field, instead of deep inside a matmul."""
-        if self.dim % self.n_heads:
-            raise ConfigError(f"LMConfig: dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.head_dim < 1 or self.n_heads < 1 or self.n_kv_heads < 1:
+            raise ConfigError(f"LMConfig: head_dim={self.head_dim}, n_heads={self.n_heads} and n_kv_heads="
+                              f"{self.n_kv_heads} must be >= 1 (without an explicit head_dim, dim >= n_heads)")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"LMConfig: n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2:
-            raise ConfigError(f"LMConfig: head_dim={self.dim // self.n_heads} must be even for rotary embeddings")
+        if self.head_dim % 2:
+            raise ConfigError(f"LMConfig: head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_layout not in ROPE_LAYOUTS:
+            raise ConfigError(f"LMConfig: rope_layout={self.rope_layout!r} must be one of {ROPE_LAYOUTS}")
         if self.use_moe:
             if self.scoring_func != "softmax":
                 raise ConfigError(f"LMConfig: scoring_func={self.scoring_func!r} is not supported (only 'softmax')")
@@ -107,6 +125,11 @@ PRESETS: dict[str, dict] = {
     # minimind-3 (2026), dense: Qwen3-like, per-head q/k norms, 4 KV heads, FFN ceil(768 * pi / 64) * 64 = 2432.
     "minimind-3": dict(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=2432, norm_eps=1e-6,
                        qk_norm=True),  # 63,912,192
+    # minimind-3 MoE (198M total, 64M active): 4 experts, one per token, no shared expert, and the balancing
+    # loss alpha * E * sum_e(load_e * mean_prob_e) over all tokens of the batch (seq_aux off).
+    "minimind-3-moe": dict(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=2432, norm_eps=1e-6,
+                           qk_norm=True, use_moe=True, n_routed_experts=4, num_experts_per_tok=1,
+                           n_shared_experts=0, norm_top1=True, seq_aux=False, aux_loss_alpha=5e-4),  # 198,416,640
 }
 
 
@@ -115,3 +138,9 @@ def preset(name: str, **overrides) -> LMConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return LMConfig(**{**PRESETS[name], **overrides})
+
+
+def architecture_fields() -> set[str]:
+    """Names of the fields that describe a MiniMind network: LMConfig's own arguments and tie_word_embeddings."""
+    return {p for p in inspect.signature(LMConfig.__init__).parameters if p not in ("self", "kwargs")} | {
+        "tie_word_embeddings"}

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import STAGE_SCRIPTS, WeightsMismatchError, read_checkpoint, require_file
+from .common import STAGE_SCRIPTS, WeightsMismatchError, require_file
 from .LMConfig import LMConfig
 
 TEMP_PREFIX = ".tmp-"
@@ -113,21 +113,6 @@ def describe_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
     if reshaped:
         problems.append(f"{len(reshaped)} shape mismatch(es) ({'; '.join(reshaped[:2])}{'; ...' if len(reshaped) > 2 else ''})")
     return "; ".join(problems) or None
-
-
-def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | os.PathLike, flags_hint: str) -> None:
-    """model.load_state_dict(state_dict, strict=True), or a one-line WeightsMismatchError naming `source`, what
-    differs and the flags that describe the model (`flags_hint`)."""
-    mismatch = describe_mismatch(model, state_dict)
-    if mismatch is not None:
-        raise WeightsMismatchError(f"{source} does not fit the model built from the flags ({flags_hint}): {mismatch}")
-    model.load_state_dict(state_dict, strict=True)
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike, how_to_get: str,
-                 flags_hint: str = "--dim/--n_layers/--use_moe ...") -> None:
-    """Read a full weights file and load it into model with strict key and shape checking."""
-    load_into(model, read_checkpoint(path, how_to_get), path, flags_hint)
 
 
 # ----------------------------------------------------------------------------------------------------------------

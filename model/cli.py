@@ -15,14 +15,13 @@ from torch.utils.data import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .backend import resolve_training_dtype
-from .checkpoint import load_weights, resolve_from_weight, seed_everything
+from .checkpoint import seed_everything
 from .common import DTYPES, exit_on_input_error, require_file
 from .dataset import (
     HOW_TO_PRETOKENIZE, Batch, PackedCollator, PackedDataset, PadCollator, open_documents, useful_token_share,
 )
 from .distributed import DistContext, cleanup_distributed, init_distributed, uses_deepspeed
-from .LMConfig import LMConfig
-from .model import MiniMindLM
+from .LMConfig import PRESETS, LMConfig
 from .trainer import TrainSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,21 +40,34 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false, yes/no), got {value!r}")
 
 
-def add_architecture_args(group: argparse._ActionsContainer, *, with_dim: bool = True) -> None:
-    """The flags that name a MiniMind shape (shared by training, inference and conversion); `config_from_args`
-    turns them into an LMConfig. `with_dim=False` where the hidden size is read from the weights instead."""
-    if with_dim:
-        group.add_argument("--dim", type=int, default=512, help="hidden size")
-    group.add_argument("--n_layers", type=int, default=8, help="transformer blocks")
-    group.add_argument("--n_heads", type=int, default=8, help="query heads")
-    group.add_argument("--n_kv_heads", type=int, default=2, help="key/value heads (grouped-query attention)")
-    group.add_argument("--use_moe", type=str2bool, default=False, help="mixture-of-experts feed-forward (1/0)")
+ARCHITECTURE_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "use_moe")
+
+
+def add_architecture_args(group: argparse._ActionsContainer, *, from_weights: bool = False) -> None:
+    """The flags that name a MiniMind shape (shared by training, inference and conversion): --preset, then flags
+    that override single fields of it. `config_from_args` turns them into an LMConfig. `from_weights`: where
+    weights are read, unset flags are read from them (model/loading.py) instead of defaulting to MiniMind2-Small."""
+    unset = "read from the weights" if from_weights else "the preset's, else MiniMind2-Small's"
+    group.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                       help=f"a published architecture (sizes in the README's model table); default: {unset}")
+    group.add_argument("--dim", type=int, default=None, help=f"hidden size (default: {unset})")
+    group.add_argument("--n_layers", type=int, default=None, help=f"transformer blocks (default: {unset})")
+    group.add_argument("--n_heads", type=int, default=None,
+                       help="query heads (default: the preset's, else 8; weights without q/k norms cannot tell)")
+    group.add_argument("--n_kv_heads", type=int, default=None,
+                       help=f"key/value heads, grouped-query attention (default: {unset})")
+    group.add_argument("--use_moe", type=str2bool, default=None, help=f"mixture-of-experts feed-forward (1/0) (default: {unset})")
+
+
+def architecture_fields(args: argparse.Namespace) -> dict:
+    """The LMConfig fields the architecture flags set explicitly (the unset ones are left out)."""
+    return {name: getattr(args, name) for name in ARCHITECTURE_FLAGS if getattr(args, name, None) is not None}
 
 
 def config_from_args(args: argparse.Namespace, **fields) -> LMConfig:
-    """The LMConfig the architecture flags describe, plus `fields` the caller knows (vocab_size, dropout, ...)."""
-    return LMConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                    use_moe=bool(args.use_moe), **fields)
+    """The LMConfig the architecture flags describe (--preset, default MiniMind2-Small, with single flags on top),
+    plus `fields` the caller knows (vocab_size, dropout, ...)."""
+    return LMConfig(**{**PRESETS[args.preset or "MiniMind2-Small"], **architecture_fields(args), **fields})
 
 
 def training_parser(
@@ -166,6 +178,9 @@ def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None 
         parser.error(f"--learning_rate must be > 0, got {args.learning_rate}")
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    config = config_from_args(args)  # the architecture flags as trained, for logs, run names and the resume file
+    for name in ARCHITECTURE_FLAGS:
+        setattr(args, name, getattr(config, name))
     return args
 
 
@@ -201,18 +216,6 @@ def training_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, 
 def load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(require_file(args.tokenizer_path, "pass --tokenizer_path to a tokenizer folder",
                                                       "tokenizer folder"))
-
-
-def model_from_args(args: argparse.Namespace, vocab_size: int) -> tuple[MiniMindLM, str]:
-    """The model the flags describe with the --from_weight file loaded into it (strict keys), and where its
-    weights came from: that file, or "random initialisation". A missing file stops here, naming the stage
-    that writes it."""
-    model = MiniMindLM(config_from_args(args, vocab_size=vocab_size, dropout=args.dropout))
-    start_weights = resolve_from_weight(args.from_weight, args.out_dir, model.config)
-    if start_weights is None:
-        return model, "random initialisation"
-    load_weights(model, start_weights, "pass an existing --from_weight file")
-    return model, str(start_weights)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -111,7 +111,28 @@ def exit_on_input_error(main: Callable[[], Result]) -> Result:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Precision names
+# Devices and precision names
+
+
+def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' picks cuda (this process's GPU) -> mps -> cpu; an explicit name must be usable here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available on this machine (use --device cpu or auto)")
+    return device
+
+
 
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .common import ConfigError, require_file
+from .common import ConfigError, require_file, select_device
 
 if TYPE_CHECKING:
     from .trainer import TrainSettings
@@ -38,25 +38,6 @@ class DistContext:
     @property
     def is_distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized()
-
-
-def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' picks cuda (this process's GPU) -> mps -> cpu; an explicit name must be usable here."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {name}: MPS is not available on this machine (use --device cpu or auto)")
-    return device
 
 
 def _free_port() -> int:

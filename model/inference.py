@@ -1,155 +1,21 @@
-"""Using a trained MiniMind: load a checkpoint, build chat prompts, stream replies.
+"""Using a trained MiniMind: build chat prompts, stream replies.
 
 One module serves every front end (eval_model.py, the OpenAI-compatible server, the web demo):
 
     parser = argparse.ArgumentParser(); add_model_args(parser); args = parser.parse_args()
-    model, tokenizer = load_model(args)
+    model, tokenizer = load_model(args)                          # model/loading.py: any release, .pth or folder
     stream = stream_chat(model, tokenizer, [{"role": "user", "content": "你好"}])
     for delta in stream: print(delta, end="", flush=True)   # the generator's return value is a GenerationResult
-
-Native checkpoints (`out/{stage}_{dim}[_moe].pth`) and Hugging Face folders (a dense `LlamaForCausalLM` export or
-a MiniMind MoE export, see model/hf_minimind.py) both become a plain `MiniMindLM`, so there is one generation path.
 """
 from __future__ import annotations
 
-import argparse
 from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from .checkpoint import load_into, weights_path
-from .cli import DEFAULT_TOKENIZER, add_architecture_args, config_from_args, str2bool
-from .common import (
-    DTYPES, MODEL_MODES, STAGE_SCRIPTS, ConfigError, parse_model_mode, read_checkpoint, require_file, torch_dtype,
-)
-from .distributed import select_device
-from .hf_minimind import load_hf_folder
 from .model import MiniMindLM
-from .model_lora import attach_lora_file, lora_path, merge_lora
-from .quantize import quantize_linear_layers
-
-PUBLISHED_WEIGHTS = "https://www.modelscope.cn/models/gongjy/MiniMind2-PyTorch/files"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line and loading
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """The model-selection flags shared by eval_model.py, the API server and the web demo."""
-    group = parser.add_argument_group("model loading")
-    group.add_argument("--load", type=int, default=0, choices=(0, 1),
-                       help="0: native weights out/{stage}_{dim}[_moe].pth; 1: a Hugging Face folder (--hf_path)")
-    group.add_argument("--model_mode", type=parse_model_mode, default=1,
-                       help="which stage's weights: 0 or pretrain (text continuation), 1 or full_sft, 2 or rlhf (DPO), "
-                            "3 or reason")
-    group.add_argument("--out_dir", default="out", help="folder holding the native .pth weights")
-    group.add_argument("--weight", default=None, help="explicit .pth file (overrides --model_mode's file name)")
-    group.add_argument("--hf_path", default=None, help="Hugging Face model folder, used with --load 1")
-    add_architecture_args(group)
-    group.add_argument("--max_seq_len", type=int, default=8192, help="context length: prompts are cut to fit it")
-    group.add_argument("--lora_name", default=None,
-                       help="LoRA adapter to apply, read from {out_dir}/lora/{lora_name}_{dim}.pth")
-    group.add_argument("--tokenizer_path", default=None,
-                       help=f"tokenizer folder (default: the HF folder with --load 1, else {DEFAULT_TOKENIZER})")
-    group.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), or e.g. cpu, cuda:0")
-    group.add_argument("--compile", type=str2bool, default=False,
-                       help="torch.compile the model for generation (1/0): decode steps ~1.7x faster on a CPU, after a "
-                            "one-time compile of ~30-60 s when the model loads")
-    group.add_argument("--infer_dtype", "--dtype", dest="infer_dtype", default="auto", choices=INFER_DTYPES,
-                       help="precision of the weights and activations: auto = bfloat16 on GPUs that support it, "
-                            "float16 on other GPUs/MPS, float32 on CPU; int8 (CPU) = int8 weights with bfloat16 "
-                            "activations, the fastest decoding on a CPU (see model/quantize.py)")
-
-
-INFER_DTYPES = ("auto", *DTYPES, "int8")
-
-
-def resolve_infer_dtype(name: str, device: torch.device) -> str:
-    """The precision name --infer_dtype means on this device ("auto" resolved; int8 only on the CPU)."""
-    if name == "int8" and device.type != "cpu":
-        raise ConfigError(f"--infer_dtype int8 runs on the CPU only; on {device.type} use bfloat16 or float16")
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float16" if device.type == "mps" else "float32"
-
-
-def compile_for_generation(model: MiniMindLM) -> MiniMindLM:
-    """torch.compile the model in place (shapes dynamic: any prompt length, any cache length) and compile its two
-    graphs now, the prompt's forward pass and the one-token decode step, so the first reply is not the slow one.
-    A decode step is a few hundred small operations around a few matrix products; compiled, they are fused and
-    Python leaves the loop. On the CPU the graphs are called from C++ (inductor's cpp_wrapper), which takes
-    longer to compile but halves what a step costs beyond its matrix products. The model's modules are not
-    guarded (their weights and settings must not change afterwards: the model is for generation only)."""
-    device = next(model.parameters()).device
-    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-               **({"cpp_wrapper": True} if device.type == "cpu" else {})}
-    model.compile(dynamic=True, options=options)
-    model.generate(torch.arange(3, 11, device=device)[None], max_new_tokens=3, temperature=0)
-    return model
-
-
-def to_infer_dtype(model: MiniMindLM, name: str) -> MiniMindLM:
-    """The model made ready for generation: eval mode, LoRA adapters merged, projections fused
-    (MiniMindLM.fuse_for_inference), in precision `name` (a DTYPES name, or int8: int8 weights)."""
-    merge_lora(model)
-    model.fuse_for_inference()
-    return quantize_linear_layers(model) if name == "int8" else model.to(torch_dtype(name))
-
-
-def native_weight_path(args: argparse.Namespace) -> str:
-    """The .pth file --load 0 reads: --weight, else {out_dir}/{stage}_{dim}[_moe].pth."""
-    if args.weight:
-        return args.weight
-    return str(weights_path(args.out_dir, MODEL_MODES[args.model_mode], config_from_args(args)))
-
-
-def load_model(args: argparse.Namespace) -> tuple[MiniMindLM, PreTrainedTokenizerBase]:
-    """Build the model the flags of add_model_args describe, in eval mode on the chosen device and dtype.
-
-    --load 0 reads a native .pth (strict: every key must match the --dim/--n_layers/--use_moe architecture);
-    --load 1 converts a Hugging Face folder in memory with the same code scripts/convert_model.py uses.
-    A missing file raises MissingInputError naming the file and how to produce it; weights of another shape a
-    WeightsMismatchError.
-    """
-    device = select_device(args.device)
-    infer_dtype = resolve_infer_dtype(args.infer_dtype, device)
-    if args.load == 1:
-        if not args.hf_path:
-            raise ConfigError("--load 1 needs --hf_path (a folder written by scripts/convert_model.py torch2hf)")
-        source = args.hf_path
-        config, state = load_hf_folder(source)
-        config.max_seq_len = min(config.max_seq_len, args.max_seq_len)
-        tokenizer_path = args.tokenizer_path or args.hf_path
-    else:
-        source = native_weight_path(args)
-        stage = MODEL_MODES[args.model_mode]
-        state = read_checkpoint(source, (
-            f"model_mode {args.model_mode} ({stage}) needs it: run {STAGE_SCRIPTS[stage]} first, pass --weight PATH, "
-            f"or download published MiniMind2 weights from {PUBLISHED_WEIGHTS} into {args.out_dir}/"))
-        embedding = state.get("tok_embeddings.weight")  # the vocabulary size comes from the weights
-        vocab_size = embedding.shape[0] if embedding is not None else 6400
-        config = config_from_args(args, vocab_size=vocab_size, max_seq_len=args.max_seq_len)
-        tokenizer_path = args.tokenizer_path or str(DEFAULT_TOKENIZER)
-    tokenizer = AutoTokenizer.from_pretrained(require_file(
-        tokenizer_path, "pass --tokenizer_path to a tokenizer folder (scripts/train_tokenizer.py makes one)",
-        "tokenizer folder"))
-
-    model = MiniMindLM(config)
-    load_into(model, state, source, f"--dim {config.dim} --n_layers {config.n_layers} --n_heads {config.n_heads} "
-                                    f"--n_kv_heads {config.n_kv_heads} --use_moe {int(config.use_moe)}")
-    if args.lora_name:
-        attach_lora_file(model, lora_path(args.out_dir, args.lora_name, config.dim))
-    model = to_infer_dtype(model.to(device), infer_dtype)
-    if args.compile:
-        print("compiling the model for generation (once, ~30-60 s on a CPU) ...", flush=True)
-        compile_for_generation(model)
-    return model, tokenizer
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts

@@ -41,7 +41,8 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
       linear: positions are divided by f (position interpolation).
       ntk:    theta is raised to theta * f^(d/(d-2)) (NTK-aware), stretching low frequencies, keeping high ones.
       yarn:   per-frequency blend of interpolated and original frequencies with a linear ramp between the
-              dimensions that rotate beta_fast and beta_slow times over original_max_position_embeddings.
+              dimensions that rotate beta_fast and beta_slow times over original_max_position_embeddings;
+              attention_factor 0.1 ln(f) + 1 unless the dict gives one (the later MiniMind releases give 1.0).
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
     kind = (scaling or {}).get("type")
@@ -64,21 +65,25 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
         ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
         original = 1.0 / theta**exponents
         inv_freq = original / factor * ramp + original * (1 - ramp)  # fast dims keep original, slow dims interpolate
-        attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        attention_factor = scaling.get("attention_factor", 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
         return inv_freq.float(), attention_factor
     raise ValueError(f"unknown rope_scaling type {kind!r}")
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by their angles a_i:
-    (x[2i] cos a_i - x[2i+1] sin a_i, x[2i] sin a_i + x[2i+1] cos a_i), computed in float32.
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "interleaved") -> torch.Tensor:
+    """Rotate pairs of dimensions of x (B, T, H, hd) by their angles a_i, computed in float32: the interleaved
+    pairs (x[2i], x[2i+1]), or with layout "half" the pairs (x[i], x[i + hd/2]). A pair (u, v) becomes
+    (u cos a_i - v sin a_i, u sin a_i + v cos a_i).
 
-    cos and sin (B, T, 1, hd) hold every angle twice, as (cos a_i, cos a_i) and (-sin a_i, sin a_i), so the
-    rotation is x * cos + swap_pairs(x) * sin, where swap_pairs exchanges the two members of each pair: four
-    element-wise ops, which matters when a decode step is a few microseconds per op."""
+    cos and sin (B, T, 1, hd) hold every angle at both members of its pair, with -sin at the first member, so the
+    rotation is x * cos + partner(x) * sin, where partner(x) puts each member of a pair in the other's place:
+    four element-wise ops, which matters when a decode step is a few microseconds per op."""
     xf = x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return (xf * cos + swapped * sin).type_as(x)
+    if layout == "half":
+        partner = xf.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x1, x2) -> (x2, x1)
+    else:
+        partner = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x0, x1, x2, x3, ..) -> (x1, x0, x3, x2, ..)
+    return (xf * cos + partner * sin).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,7 +142,8 @@ class Attention(nn.Module):
     def __init__(self, config: LMConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
-        self.head_dim = config.dim // config.n_heads
+        self.head_dim = config.head_dim
+        self.rope_layout = config.rope_layout
         self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -180,7 +186,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin, self.rope_layout), apply_rotary(k, cos, sin, self.rope_layout)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(layer_index, k, v)  # (B, n_kv, S, hd)
@@ -258,6 +264,7 @@ class MoEGate(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.n_experts = config.n_routed_experts
         self.norm_topk_prob = config.norm_topk_prob
+        self.norm_top1 = config.norm_top1
         self.alpha = config.aux_loss_alpha
         self.seq_aux = config.seq_aux
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.dim))
@@ -268,7 +275,7 @@ class MoEGate(nn.Module):
         B, T, D = x.shape
         scores = F.linear(x.reshape(-1, D), self.weight).softmax(dim=-1)  # (B*T, E)
         topk_weight, topk_idx = scores.topk(self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
+        if self.norm_topk_prob and (self.top_k > 1 or self.norm_top1):  # the chosen weights sum to 1
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         if self.training and self.alpha > 0:
             aux_loss = self.balance_loss(scores, topk_idx, B, T)
@@ -394,7 +401,8 @@ class MiniMindLM(nn.Module):
         self.layers = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.tok_embeddings.weight = self.output.weight  # tied input/output embedding
+        if config.tie_word_embeddings:
+            self.tok_embeddings.weight = self.output.weight  # tied input/output embedding
         # RoPE frequencies are computed on first use per device: kept out of the state dict, out of .half(), and
         # real even when the weights were built on the meta device (transformers' from_pretrained).
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -417,10 +425,11 @@ class MiniMindLM(nn.Module):
         return self.eval()
 
     def num_parameters(self) -> int:
-        """Unique parameters (the tied embedding counted once), int8 layers (model/quantize.py) included; the
-        int8 copy of the output layer is the tied embedding again."""
+        """Unique parameters (a tied embedding counted once), int8 layers (model/quantize.py) included; the int8
+        copy of a tied output layer is the embedding again."""
+        tied_copy = "output.weight_int8" if self.config.tie_word_embeddings else None
         int8 = sum(buffer.numel() for name, buffer in self.named_buffers()
-                   if name.endswith("weight_int8") and name != "output.weight_int8")
+                   if name.endswith("weight_int8") and name != tied_copy)
         return sum(p.numel() for p in self.parameters()) + int8
 
     def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,12 +438,13 @@ class MiniMindLM(nn.Module):
         if device not in self._inv_freq:
             cfg = self.config
             with torch.device("cpu"):
-                inv_freq, self._rope_scale = rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta, cfg.inference_rope_scaling)
+                inv_freq, self._rope_scale = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.inference_rope_scaling)
             self._inv_freq[device] = inv_freq.to(device)
         angles = position_ids[..., None].float() * self._inv_freq[device]  # (B, T, hd/2)
         cos, sin = angles.cos() * self._rope_scale, angles.sin() * self._rope_scale
-        return (torch.stack((cos, cos), dim=-1).flatten(-2).unsqueeze(2),
-                torch.stack((-sin, sin), dim=-1).flatten(-2).unsqueeze(2))
+        pair_dim = -2 if self.config.rope_layout == "half" else -1  # both members of pair i: i, i+hd/2 or 2i, 2i+1
+        return (torch.stack((cos, cos), dim=pair_dim).flatten(-2).unsqueeze(2),
+                torch.stack((-sin, sin), dim=pair_dim).flatten(-2).unsqueeze(2))
 
     def forward(
         self,

@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import MiniMindLM, preset  # noqa: E402
+from model.LMConfig import PRESETS  # noqa: E402
 from model.backend import resolve_training_dtype  # noqa: E402
-from model.cli import add_architecture_args  # noqa: E402
-from model.distributed import select_device  # noqa: E402
-from model.inference import compile_for_generation, resolve_infer_dtype, to_infer_dtype  # noqa: E402
+from model.common import select_device  # noqa: E402
+from model.loading import compile_for_generation, load_pretrained, resolve_infer_dtype, to_infer_dtype  # noqa: E402
 
 SHARED_PRETRAIN = ROOT.parent / "shared" / "data" / "pretrain_mini.jsonl"
 
@@ -199,16 +199,12 @@ def bench_quality(table: Table, args: argparse.Namespace, device, infer_dtypes: 
     from torch.utils.data import Subset
     from transformers import AutoTokenizer
 
-    from model.checkpoint import load_into
-    from model.cli import DEFAULT_TOKENIZER, config_from_args
-    from model.common import read_checkpoint
+    from model.cli import DEFAULT_TOKENIZER
     from model.dataset import PretrainDataset
     from model.evaluation import mean_loss
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or str(DEFAULT_TOKENIZER))
-    state = read_checkpoint(args.weight, "pass --weight PATH to a trained checkpoint")
-    trained = MiniMindLM(config_from_args(args, vocab_size=state["tok_embeddings.weight"].shape[0]))
-    load_into(trained, state, args.weight, "the architecture flags")
+    trained = load_pretrained(args.weight, n_heads=args.n_heads, how_to_get="pass --weight PATH to a trained checkpoint")
     dataset = PretrainDataset(args.quality_data, tokenizer, max_length=256)
     held_out = Subset(dataset, range(min(len(dataset), args.quality_docs)))
     prompts = [dataset[i][0][:16] for i in range(args.quality_prompts)]
@@ -304,7 +300,8 @@ def default_training_data() -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="MiniMind2-Small", help="MiniMind2-Small, MiniMind2 or MiniMind2-MoE")
+    parser.add_argument("--preset", default="MiniMind2-Small", choices=sorted(PRESETS),
+                        help="the architecture measured by the train, decode and server sections")
     parser.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, mps")
     parser.add_argument("--sections", nargs="+", default=["train", "decode", "server"],
                         choices=("train", "decode", "server", "quality"),
@@ -326,8 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="also write the table as JSON to this file")
     quality = parser.add_argument_group("quality section (a trained model: perplexity and greedy agreement per "
                                         "precision)")
-    quality.add_argument("--weight", default=None, help="a trained .pth (its architecture flags below)")
-    add_architecture_args(quality)
+    quality.add_argument("--weight", default=None,
+                         help="a trained .pth or model folder of any release (its architecture is read from it)")
+    quality.add_argument("--n_heads", type=int, default=None,
+                         help="its query heads, if not 8 (weights without q/k norms cannot tell)")
     quality.add_argument("--tokenizer_path", default=None)
     quality.add_argument("--quality_data", default=str(SHARED_PRETRAIN), help="held-out {\"text\"} jsonl")
     quality.add_argument("--quality_docs", type=int, default=200, help="documents for the perplexity")

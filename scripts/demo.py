@@ -43,9 +43,10 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 
-from model.checkpoint import atomic_write_text, load_weights  # noqa: E402
+from model.checkpoint import atomic_write_text  # noqa: E402
 from model.dataset import DPODataset, PretrainDataset, SFTDataset  # noqa: E402
-from model.distributed import select_device  # noqa: E402
+from model.loading import load_into_model  # noqa: E402
+from model.common import select_device  # noqa: E402
 from model.evaluation import generate_replies, mean_loss, preference_log_probs  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
 from model.model import MiniMindLM  # noqa: E402
@@ -299,7 +300,7 @@ class Evaluator:
     def load(self, weights: Path, shape: dict = MODEL, lora: Path | None = None) -> MiniMindLM:
         config = LMConfig(**shape, vocab_size=len(self.tokenizer), max_seq_len=256)
         model = MiniMindLM(config)
-        load_weights(model, weights, "run the demo stage that writes it")
+        load_into_model(model, weights, "run the demo stage that writes it")
         if lora is not None:
             attach_lora_file(model, str(lora))
         return model.to(self.device).eval()

@@ -32,7 +32,7 @@ from model.benchmarks import (  # noqa: E402
 )
 from model.common import exit_on_input_error  # noqa: E402
 from model.dataset import PretrainDataset  # noqa: E402
-from model.inference import add_model_args, load_model, native_weight_path, resolve_infer_dtype  # noqa: E402
+from model.loading import add_model_args, load_model, model_source, resolve_infer_dtype  # noqa: E402
 from model.model import MiniMindLM  # noqa: E402
 
 TASKS = ("mcq", "ppl", "math")
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     model, tokenizer = load_model(args)
     device = next(model.parameters()).device
-    source = args.hf_path if args.load == 1 else native_weight_path(args)
+    source = model_source(args)
     model_name = Path(source).stem + (f"+{args.lora_name}" if args.lora_name else "")
     name = args.name or f"{model_name}-{args.task}-{Path(args.data_path).stem}"
 

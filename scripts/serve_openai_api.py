@@ -42,10 +42,9 @@ from model.inference import (  # noqa: E402
     Piece,
     ReplyRouter,
     ReplyText,
-    add_model_args,
     chat_prompt,
-    load_model,
 )
+from model.loading import add_model_args, load_model  # noqa: E402
 
 DEFAULT_MAX_TOKENS = 512  # when a request names no max_tokens; the context length bounds it as well
 DEFAULT_TEMPERATURE = DEFAULT_TOP_P = 0.85  # MiniMind's usual sampling, when a request leaves them out (or null)

@@ -6,9 +6,9 @@ Run (everything after `--` is eval_model.py's model flags; they set the out dir,
     streamlit run scripts/web_demo.py -- --hf_path MiniMind2              # a Hugging Face folder as well
     streamlit run scripts/web_demo.py --server.address 0.0.0.0 --browser.gatherUsageStats false -- --out_dir out
 
-The sidebar lists the native weights `{out_dir}/{stage}_{dim}[_moe].pth` (the layer count is the flag's for the
-flag's --dim, else the published MiniMind2 preset of that size) and Hugging Face folders (subfolders of out_dir
-holding a config.json, and --hf_path). A `reason` checkpoint's think part is shown in a collapsible block.
+The sidebar lists the native weights `{out_dir}/{stage}_{dim}[_moe].pth` (and --weight) and Hugging Face folders
+(subfolders of out_dir holding a config.json, and --hf_path), of any MiniMind release: the loader reads each one's
+architecture from it (model/loading.py). A `reason` checkpoint's think part is shown in a collapsible block.
 Nothing is fetched from the network: icons are emoji. The environment variable MINIMIND_WEB_ARGS (a shell-quoted
 flag string) replaces the command-line flags, for streamlit's AppTest, which cannot pass any.
 """
@@ -32,11 +32,9 @@ from model.common import MODEL_MODES, PRETRAIN_MODE, REASON_MODE  # noqa: E402
 from model.inference import (  # noqa: E402
     GenerationResult,
     ReplyRouter,
-    add_model_args,
-    load_model,
     stream_chat,
 )
-from model.LMConfig import PRESETS  # noqa: E402
+from model.loading import add_model_args, load_model  # noqa: E402
 from model.model import MiniMindLM  # noqa: E402
 
 NATIVE_WEIGHT = re.compile(r"^(?P<stage>[a-z][a-z_]*?)_(?P<dim>\d+)(?P<moe>_moe)?\.pth$")
@@ -60,9 +58,6 @@ class ModelChoice:
     load: int  # 0: native .pth, 1: Hugging Face folder
     path: str
     model_mode: int
-    dim: int = 0
-    n_layers: int = 0
-    use_moe: bool = False
 
 
 def mode_of_stage(stage: str) -> int:
@@ -70,16 +65,6 @@ def mode_of_stage(stage: str) -> int:
     (e.g. full_dist, lora merges) chat like full_sft."""
     by_name = {name: mode for mode, name in MODEL_MODES.items()}
     return by_name.get(stage, REASON_MODE if "reason" in stage else 1)
-
-
-def layers_for(dim: int, use_moe: bool, args: argparse.Namespace) -> int:
-    """The flag's --n_layers for the flag's size, else the published preset of that size, else the flag's."""
-    if dim == args.dim and use_moe == bool(args.use_moe):
-        return args.n_layers
-    for preset in PRESETS.values():
-        if preset["dim"] == dim and preset.get("use_moe", False) == use_moe:
-            return preset["n_layers"]
-    return args.n_layers
 
 
 def find_models(args: argparse.Namespace) -> list[ModelChoice]:
@@ -92,15 +77,14 @@ def find_models(args: argparse.Namespace) -> list[ModelChoice]:
     for path in weights:
         match = NATIVE_WEIGHT.match(path.name)
         if match:
-            stage, dim, use_moe = match["stage"], int(match["dim"]), bool(match["moe"])
-            mode, n_layers = mode_of_stage(stage), layers_for(dim, use_moe, args)
-        elif path == Path(args.weight or ""):  # an explicit file named otherwise: the flags describe it
+            stage, mode = match["stage"], mode_of_stage(match["stage"])
+            label = f"{path.name} ({stage}, dim {match['dim']}{', MoE' if match['moe'] else ''})"
+        elif path == Path(args.weight or ""):  # an explicit file named otherwise: --model_mode says its stage
             stage, mode = MODEL_MODES[args.model_mode], args.model_mode
-            dim, use_moe, n_layers = args.dim, bool(args.use_moe), args.n_layers
+            label = f"{path.name} ({stage})"
         else:
             continue
-        label = f"{path.name} ({stage}, dim {dim}, {n_layers} layers{', MoE' if use_moe else ''})"
-        choices.append(ModelChoice(label, 0, str(path), mode, dim, n_layers, use_moe))
+        choices.append(ModelChoice(label, 0, str(path), mode))
     folders = sorted(p for p in out_dir.iterdir() if (p / "config.json").is_file()) if out_dir.is_dir() else []
     if args.hf_path and Path(args.hf_path) not in folders:
         folders.insert(0, Path(args.hf_path))
@@ -120,7 +104,9 @@ def load_choice(choice: ModelChoice, flags: str, _args: argparse.Namespace) -> t
     args = argparse.Namespace(**vars(_args))
     args.load, args.model_mode = choice.load, choice.model_mode
     if choice.load == 0:
-        args.weight, args.dim, args.n_layers, args.use_moe = choice.path, choice.dim, choice.n_layers, int(choice.use_moe)
+        args.weight = choice.path
+        if choice.path != _args.weight:  # the size flags describe --weight; every other file says its own size
+            args.preset = args.dim = args.n_layers = args.n_kv_heads = args.use_moe = None
     else:
         args.hf_path = choice.path
     return load_model(args)

@@ -6,6 +6,7 @@ greedy generation; MoE exports are loaded with trust_remote_code; both round-tri
 import argparse
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -13,8 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 
 from conftest import TINY, TOKENIZER_DIR
 from model import LMConfig, MiniMindLM, preset
-from model.hf_minimind import halves_to_interleaved, interleaved_to_halves, load_hf_folder, save_hf_folder
-from model.inference import add_model_args, load_model
+from model.hf_minimind import save_hf_folder
+from model.releases import halves_to_interleaved, interleaved_to_halves
+from model.inference import build_prompt
+from model.loading import add_model_args, load_checkpoint, load_model
 from scripts import convert_model
 
 
@@ -45,6 +48,11 @@ def assert_loads_plainly_with_our_logits(model: MiniMindLM, hf_path: str, tokeni
         ours, theirs = model(ids).logits, hf(ids).logits
     assert ours.abs().max() > 1.0  # logits are not trivially small
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+def load_hf_folder(path) -> tuple[LMConfig, dict[str, torch.Tensor]]:
+    loaded = load_checkpoint(path)
+    return loaded.config, loaded.state
 
 
 def save_pth(model: MiniMindLM, path) -> str:
@@ -210,7 +218,8 @@ def test_load_model_from_hf_folder(which, dense_export, moe_export, tokenizer):
 
 def test_export_with_wrong_architecture_flags_names_the_shape(dense_export, tmp_path):
     _, weight, _ = dense_export
-    with pytest.raises(ValueError, match=r"full_sft_64.pth: tok_embeddings.weight has shape \(6400, 64\).*dim=128.*expects \(6400, 128\)"):
+    with pytest.raises(ValueError, match=r"full_sft_64.pth does not fit the model built from the flags \(--dim 128 .*"
+                                         r"tok_embeddings.weight is \(6400, 64\) in the file but \(6400, 128\)"):
         convert_model.torch_to_hf(weight, str(tmp_path / "hf"), dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
                                   tokenizer_path=str(TOKENIZER_DIR))
     with pytest.raises(ValueError, match="missing.*layers.2"):
@@ -289,3 +298,37 @@ def test_qk_norm_round_trip_is_exact(qk_norm_export):
     assert set(state) == set(original)
     for key, tensor in original.items():
         assert torch.equal(state[key], tensor), key
+
+
+def test_a_release_tokenizer_folder_is_used_with_its_own_chat_template(dense_export, tmp_path, tokenizer):
+    """--tokenizer_path to another release's tokenizer folder: its chat template renders the prompts as it is (here
+    one that writes roles in brackets), for a native .pth and for a model folder alike."""
+    _, weight, hf_path = dense_export
+    release_tokenizer = tmp_path / "release_tokenizer"
+    shutil.copytree(TOKENIZER_DIR, release_tokenizer)
+    (release_tokenizer / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    for source in (["--weight", weight, "--n_heads", "4"], ["--load", "1", "--hf_path", hf_path]):
+        _, loaded_tokenizer = load_model(parser.parse_args([*source, "--device", "cpu", "--tokenizer_path",
+                                                            str(release_tokenizer)]))
+        prompt = build_prompt(loaded_tokenizer, [{"role": "user", "content": "你好"}], max_prompt_tokens=64)
+        assert loaded_tokenizer.decode(prompt) == "[user] 你好\n[assistant] "
+
+
+@pytest.mark.parametrize("options, architecture", [
+    (dict(rope_layout="half"), LlamaForCausalLM),  # already in Llama's rotary order: exported as it is
+    (dict(tie_word_embeddings=False), LlamaForCausalLM),  # an output head of its own: lm_head.weight
+    (dict(qk_norm=True, head_dim=24), Qwen3ForCausalLM),  # head size other than dim / n_heads
+])
+def test_release_options_export_plainly_and_import_exactly(options, architecture, tmp_path, tokenizer):
+    model = tiny_model(tokenizer, seed=3, **options)
+    save_hf_folder(model.state_dict(), model.config, str(tmp_path), tokenizer)
+    assert_loads_plainly_with_our_logits(model, str(tmp_path), tokenizer, architecture)
+    config, state = load_hf_folder(str(tmp_path))
+    imported = MiniMindLM(config).eval()
+    imported.load_state_dict(state, strict=True)
+    ids = sample_ids(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(imported(ids).logits, model(ids).logits, atol=1e-4, rtol=0)

@@ -23,12 +23,11 @@ from model.hf_minimind import save_hf_folder
 from model.inference import (
     IncrementalDecoder,
     ReplyRouter,
-    add_model_args,
     build_prompt,
-    load_model,
     split_reasoning,
     stream_chat,
 )
+from model.loading import add_model_args, load_model
 from model.model_lora import apply_lora, save_lora
 
 QUESTION = "9.11和9.9哪个大？"

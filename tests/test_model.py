@@ -152,7 +152,8 @@ def tiny_model(seed=0, **overrides) -> tuple[MiniMindLM, LMConfig, dict]:
 
 
 @pytest.mark.parametrize(
-    "name,count", [("MiniMind2-Small", 25_829_888), ("MiniMind2", 104_030_976), ("MiniMind2-MoE", 145_029_760)]
+    "name,count", [("MiniMind2-Small", 25_829_888), ("MiniMind2", 104_030_976), ("MiniMind2-MoE", 145_029_760),
+                   ("minimind-3", 63_912_192), ("minimind-3-moe", 198_416_640)]  # the releases' own code's counts
 )
 def test_preset_parameter_counts(name, count):
     with torch.device("meta"):  # shapes only: no memory, no time
@@ -446,3 +447,24 @@ def test_a_packed_row_gives_each_document_its_own_logits(use_moe):
         alone = model(doc[None]).logits[0]
         torch.testing.assert_close(packed[start : start + len(doc)], alone, atol=1e-5, rtol=0)
         start += len(doc)
+
+
+def test_half_rotary_layout_is_the_interleaved_model_with_reordered_rows():
+    """rope_layout="half" rotates (i, i + hd/2) instead of (2i, 2i+1): the same network once each head's q/k rows
+    (and q/k norm weights) are reordered even-first; without the reordering it is another network."""
+    from model.releases import reorder_rotary
+
+    torch.manual_seed(23)
+    cfg = LMConfig(**TINY, qk_norm=True)
+    interleaved = MiniMindLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in interleaved.named_parameters():
+            p.mul_(4.0) if p.ndim == 2 else p.copy_(torch.rand_like(p) + 0.5)  # norms that differ per position
+    half = MiniMindLM(LMConfig(**{**cfg.to_dict(), "rope_layout": "half"})).eval()
+    state = interleaved.state_dict()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    half.load_state_dict(state)
+    with torch.no_grad():
+        assert (half(ids).logits - interleaved(ids).logits).abs().max() > 1e-3
+        half.load_state_dict(reorder_rotary(state, cfg, "interleaved", "half"))
+        torch.testing.assert_close(half(ids).logits, interleaved(ids).logits, atol=1e-5, rtol=0)

@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import tiny_model
 from model.common import ConfigError
-from model.inference import add_model_args, resolve_infer_dtype, to_infer_dtype
+from model.loading import add_model_args, resolve_infer_dtype, to_infer_dtype
 from model.quantize import Int8Linear, quantize_rows
 
 
@@ -74,7 +74,7 @@ def test_the_old_dtype_flag_still_works():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["int8"])
 def test_compiled_generation_gives_the_tokens_of_eager_generation(name):
-    from model.inference import compile_for_generation
+    from model.loading import compile_for_generation
     torch.manual_seed(4)
     model = tiny_model()
     with torch.no_grad():  # wide weights: greedy replies that vary, so a wrong logit would show

@@ -27,7 +27,8 @@ from openai import OpenAI
 
 from conftest import TINY, TINY_FLAGS
 from model import LMConfig, MiniMindLM
-from model.inference import ReplyRouter, add_model_args, load_model, split_reasoning
+from model.inference import ReplyRouter, split_reasoning
+from model.loading import add_model_args, load_model
 from scripts import chat_openai_api
 from scripts.serve_openai_api import create_app, reasoning_and_content
 

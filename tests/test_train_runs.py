@@ -18,6 +18,7 @@ from conftest import (
     CPU_FP32, ROOT, TINY_FLAGS, TOKENIZER_DIR, run, same_weights, subprocess_env, tiny_model, write_lines,
 )
 from model.dataset import PackedDataset, PretrainDataset, SFTDataset
+from model import preset
 from model.model import MiniMindLM
 from model.train_log import read_metrics
 
@@ -223,3 +224,67 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path,
     assert same_weights(torch.load(tmp_path / "pretrain_64.pth", weights_only=True),
                         torch.load(reference / "pretrain_64.pth", weights_only=True))
     assert not list(tmp_path.glob(".tmp-*"))  # the stale temp file was cleaned up
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The newest architecture: --preset minimind-3 (per-head q/k norms) trains, resumes, exports and chats
+
+
+@pytest.mark.slow
+def test_minimind3_preset_trains_resumes_exports_and_chats(tmp_path, shared_data, tokenizer):
+    """Two layers of minimind-3 (its widths, q/k norms, 8 query / 4 KV heads): a run stopped at step 2 and resumed
+    to step 4 equals the uninterrupted 4 steps; the weights export with no architecture flags to a plain
+    Qwen3ForCausalLM with equal logits, and eval_model.py chats with them, again without flags. The MoE preset
+    trains too, with its balancing loss logged."""
+    from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+
+    from model.loading import load_pretrained
+
+    data = write_lines(shared_data / "pretrain_mini.jsonl", tmp_path / "pretrain.jsonl", 0, 16)
+    command = [sys.executable, "train_pretrain.py", *CPU_FP32, "--preset", "minimind-3", "--n_layers", "2",
+               "--data_path", str(data), "--max_seq_len", "64", "--batch_size", "2", "--accumulation_steps", "1",
+               "--log_interval", "1", "--save_interval", "2", "--num_workers", "0"]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    stdout = run([*command, "--out_dir", str(reference), "--max_steps", "4"])
+    # embedding 6400*768 + final norm 768 + 2 x (q, o 768*768; k, v 384*768; q/k norms 96; norms 2*768; FFN 3*768*2432)
+    assert "pretrain: 19.665M parameters" in stdout
+    run([*command, "--out_dir", str(resumed), "--max_steps", "2"])
+    assert "at step 2" in run([*command, "--out_dir", str(resumed), "--max_steps", "4", "--resume", "1"])
+    weights = resumed / "pretrain_768.pth"
+    state = torch.load(weights, weights_only=True)
+    assert same_weights(state, torch.load(reference / "pretrain_768.pth", weights_only=True))
+    assert state["layers.1.attention.q_norm.weight"].shape == (96,) and state["layers.1.attention.wk.weight"].shape == (384, 768)
+
+    hf_path = tmp_path / "hf"
+    assert "Qwen3ForCausalLM" in run([sys.executable, "scripts/convert_model.py", "torch2hf", "--weight", str(weights),
+                                      "--hf_path", str(hf_path)])
+    ours = load_pretrained(weights)
+    assert ours.config.qk_norm and ours.config.norm_eps == 1e-6 and (ours.config.n_heads, ours.config.n_kv_heads) == (8, 4)
+    hf = AutoModelForCausalLM.from_pretrained(hf_path).eval()
+    assert type(hf) is Qwen3ForCausalLM
+    ids = torch.tensor([tokenizer.encode("人类大脑的主要功能是处理信息", add_special_tokens=False)])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, atol=1e-4, rtol=0)
+
+    stdout = run([sys.executable, "eval_model.py", "--weight", str(weights), "--model_mode", "0", "--device", "cpu",
+                  "--prompt", "人类大脑", "--max_new_tokens", "8", "--temperature", "0"])
+    assert "人类大脑" in stdout
+
+
+def test_minimind3_moe_preset_trains_with_its_balancing_loss():
+    """One layer of minimind-3-moe: 4 experts, one per token with weight 1, no shared expert; in training the
+    balancing loss is alpha * E * sum_e(share of tokens routed to e * mean router probability of e)."""
+    torch.manual_seed(0)
+    model = MiniMindLM(preset("minimind-3-moe", n_layers=1, max_seq_len=64)).train()
+    ids = torch.randint(0, 6400, (2, 32))
+    out = model(ids)
+    gate = model.layers[0].feed_forward.gate
+    with torch.no_grad():
+        h = model.layers[0].attention(model.layers[0].attention_norm(model.tok_embeddings(ids)),
+                                      *model.rotary(torch.arange(32).expand(2, 32)), None)
+        h = h + model.tok_embeddings(ids)
+        probs = torch.softmax(model.layers[0].ffn_norm(h).reshape(-1, 768) @ gate.weight.T, dim=-1)
+        share = torch.bincount(probs.argmax(-1), minlength=4).float() / probs.shape[0]
+    torch.testing.assert_close(out.aux_loss, 5e-4 * 4 * (share * probs.mean(0)).sum())
+    (F.cross_entropy(out.logits[:, :-1].reshape(-1, 6400), ids[:, 1:].reshape(-1)) + out.aux_loss).backward()
+    assert all(p.grad is not None for p in model.parameters())

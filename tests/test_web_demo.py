@@ -18,7 +18,7 @@ import torch
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-import model.inference
+import model.loading
 from model.hf_minimind import save_hf_folder
 from scripts.web_demo import StreamedReply
 from conftest import TINY_FLAGS
@@ -34,7 +34,7 @@ def out_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("out")
     write_tiny_checkpoint(out / "full_sft_64.pth")
     write_tiny_checkpoint(out / "reason_64.pth", seed=1)
-    write_tiny_checkpoint(out / "rlhf_96.pth")  # named dim 96, holds dim 64: cannot load
+    (out / "rlhf_96.pth").write_bytes(b"an interrupted download")  # cannot load
     (out / "not_a_model.txt").write_text("ignored")
     tiny_model, tokenizer = load_tiny(out)
     save_hf_folder(torch.load(out / "full_sft_64.pth"), tiny_model.config, str(out / "tiny-hf"), tokenizer)
@@ -64,9 +64,9 @@ def greedy_settings(at: AppTest, max_new_tokens: int = 16, history_turns: int = 
 
 def test_sidebar_lists_the_checkpoints_and_has_the_sliders(app):
     assert app.selectbox(key="model").options == [
-        "full_sft_64.pth (full_sft, dim 64, 2 layers)",
-        "reason_64.pth (reason, dim 64, 2 layers)",
-        "rlhf_96.pth (rlhf, dim 96, 2 layers)",
+        "full_sft_64.pth (full_sft, dim 64)",
+        "reason_64.pth (reason, dim 64)",
+        "rlhf_96.pth (rlhf, dim 96)",
         "tiny-hf/ (Hugging Face, full_sft)",
     ]
     assert [s.key for s in app.sidebar.slider] == ["history_turns", "max_new_tokens", "temperature", "top_p"]
@@ -103,7 +103,7 @@ def test_hugging_face_folder_gives_the_same_reply_as_its_native_weights(app):
 def test_a_checkpoint_that_does_not_load_shows_an_error(app):
     app.selectbox(key="model").select_index(2).run()
     assert not app.exception
-    assert "rlhf_96.pth" in app.error[0].value and "does not fit" in app.error[0].value
+    assert "rlhf_96.pth" in app.error[0].value and "not a readable PyTorch checkpoint" in app.error[0].value
     assert len(app.chat_input) == 0  # the page stops before the chat
 
 
@@ -146,7 +146,7 @@ def test_delete_and_clear_buttons(app):
 
 
 def test_reasoning_checkpoint_shows_its_thoughts_in_an_expander(out_dir, monkeypatch):
-    real_load_model = model.inference.load_model
+    real_load_model = model.loading.load_model
     hooks = []
 
     def load_scripted(args):  # the demo's own loader, with the reply forced to a reasoning transcript
@@ -155,7 +155,7 @@ def test_reasoning_checkpoint_shows_its_thoughts_in_an_expander(out_dir, monkeyp
         hooks[-1].__enter__()
         return tiny_model, tokenizer
 
-    monkeypatch.setattr(model.inference, "load_model", load_scripted)
+    monkeypatch.setattr(model.loading, "load_model", load_scripted)
     monkeypatch.setenv("MINIMIND_WEB_ARGS", f"--out_dir {out_dir} {TINY_WEB_FLAGS}")
     st.cache_resource.clear()
     at = AppTest.from_file(str(WEB_DEMO), default_timeout=60)

@@ -21,7 +21,8 @@ Two ways to batch documents:
 useful-token share count those.
 
 For chat data the loss covers exactly the assistant replies - each reply's first token through its end-of-turn
-token (`<|im_end|>` for MiniMind) - and never the prompt, the role headers or the newline between turns.
+token (`<|im_end|>` for MiniMind), tool-call blocks included - and never the prompt, the role headers, the newline
+between turns or tool results (`role: "tool"` messages, rendered in a user-side turn).
 `render_conversation` builds those ids and that mask from the tokenizer's own chat template, so the prompt tokens
 are the ones inference produces.
 """
@@ -45,8 +46,9 @@ from transformers import PreTrainedTokenizerBase
 
 from .checkpoint import atomic_write_text
 from .common import ConfigError, DataFormatError, MissingInputError, require_file
+from .tools import openai_tool_calls_to_template
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 INDEX_CHUNK_BYTES = 16 * 1024 * 1024
 _WHITESPACE_BYTES = np.zeros(256, dtype=bool)
 _WHITESPACE_BYTES[[ord(" "), ord("\t"), ord("\r"), ord("\n")]] = True
@@ -73,7 +75,8 @@ def validate_text_record(record: Any) -> None:
 
 
 def validate_messages(messages: Any, field: str) -> None:
-    """A conversation: a non-empty list of {role, content} with a prompt before the first reply and >= 1 reply."""
+    """A conversation: a non-empty list of {role, content} with a prompt before the first reply and >= 1 reply.
+    An assistant turn may carry `tool_calls` (content then may be empty or null); a `tool` turn is a tool's result."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"field '{field}' must be a non-empty list of messages")
     for index, message in enumerate(messages):
@@ -83,7 +86,16 @@ def validate_messages(messages: Any, field: str) -> None:
         if message.get("role") not in CHAT_ROLES:
             raise ValueError(f"field '{where}.role' must be one of {', '.join(CHAT_ROLES)}, "
                              f"got {message.get('role')!r}")
-        if not isinstance(message.get("content"), str):
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if message["role"] != "assistant":
+                raise ValueError(f"field '{where}.tool_calls': only an assistant turn calls tools")
+            try:
+                openai_tool_calls_to_template(json.loads(calls) if isinstance(calls, str) else calls)
+            except (ValueError, AttributeError, TypeError) as error:
+                raise ValueError(f"field '{where}.tool_calls': {error}") from None
+        content_may_be_empty = calls is not None and message.get("content") in (None, "")
+        if not isinstance(message.get("content"), str) and not content_may_be_empty:
             raise ValueError(f"field '{where}.content' must be a string, got {type(message.get('content')).__name__}")
     if messages[0]["role"] == "assistant":
         raise ValueError(f"field '{field}[0].role': a conversation must not start with an assistant turn")
@@ -91,13 +103,39 @@ def validate_messages(messages: Any, field: str) -> None:
         raise ValueError(f"field '{field}' has no assistant turn, so nothing would be trained on")
 
 
+def conversation_and_tools(record: dict) -> tuple[list[dict], list[dict] | None]:
+    """The messages of an SFT line as the chat template takes them, and its tools. Tools come from the line's
+    `tools` (the OpenAI request shape) or from the system message's `tools` / `functions` (MiniMind's jsonl shape),
+    as a list or a JSON string; `tool_calls` may be a JSON string too, with arguments as objects or JSON strings."""
+    messages = []
+    tools = record.get("tools")
+    for message in record["conversations"]:
+        message = dict(message)
+        if message["role"] == "system":
+            tools = tools or message.pop("tools", None) or message.pop("functions", None)
+        if message.get("tool_calls") is not None:
+            calls = message["tool_calls"]
+            message["tool_calls"] = openai_tool_calls_to_template(json.loads(calls) if isinstance(calls, str) else calls)
+        messages.append(message)
+    if isinstance(tools, str):
+        tools = json.loads(tools)
+    return messages, tools or None
+
+
 def validate_conversation_record(record: Any) -> None:
-    """An SFT line: `{"conversations": [{"role", "content"}, ...]}`."""
+    """An SFT line: `{"conversations": [{"role", "content"}, ...]}`, optionally with tools (see
+    conversation_and_tools)."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     if "conversations" not in record:
         raise ValueError("missing field 'conversations'")
     validate_messages(record["conversations"], "conversations")
+    try:
+        _, tools = conversation_and_tools(record)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"a 'tools', 'functions' or 'tool_calls' field is not valid JSON: {error.msg}") from None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError("field 'tools' must be a list of tool schemas (objects)")
 
 
 def validate_chat_or_text_record(record: Any) -> None:
@@ -264,20 +302,21 @@ def text_document(tokenizer: PreTrainedTokenizerBase, text: str) -> Document:
     return ids, [1] * len(ids)
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
-                        max_length: int | None = None) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation rendered by the tokenizer's chat template, and a 0/1 mask of its reply tokens.
+def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int | None = None,
+                        tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation rendered by the tokenizer's chat template (listing `tools` if given), and a
+    0/1 mask of its reply tokens.
 
     For assistant turn i the reply is the text between the render of messages[:i] with the generation prompt and
     the render of messages[:i+1]; whitespace after the reply's end-of-turn token goes to the following prompt
     segment. Prompt and reply segments are tokenized separately, so the prompt ids equal those a chat client
     produces for the same history. The result is truncated to `max_length` tokens.
     """
-    full_text = _render(tokenizer, messages, add_generation_prompt=False)
+    def _render(messages: list[dict], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             tools=tools)
+
+    full_text = _render(messages, add_generation_prompt=False)
     segments: list[tuple[str, int]] = []  # (text, 1 if it is a reply)
     cursor = 0
     for turn, message in enumerate(messages):
@@ -285,8 +324,8 @@ def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
             continue
         if turn == 0:
             raise ValueError("a conversation must not start with an assistant turn (there is no prompt to answer)")
-        prompt_text = _render(tokenizer, messages[:turn], add_generation_prompt=True)
-        through_reply = _render(tokenizer, messages[: turn + 1], add_generation_prompt=False)
+        prompt_text = _render(messages[:turn], add_generation_prompt=True)
+        through_reply = _render(messages[: turn + 1], add_generation_prompt=False)
         if not (full_text.startswith(prompt_text) and full_text.startswith(through_reply)
                 and cursor <= len(prompt_text) <= len(through_reply)):
             raise ConfigError(f"the tokenizer's chat template is not prefix-stable at turn {turn}: rendering the "
@@ -411,7 +450,8 @@ class SFTDataset(JsonlDataset, DocumentDataset):
         record = self.records[index]
         if "conversations" not in record:
             return text_document(self.tokenizer, record["text"])
-        return render_conversation(self.tokenizer, record["conversations"])
+        messages, tools = conversation_and_tools(record)
+        return render_conversation(self.tokenizer, messages, tools=tools)
 
 
 class DPODataset(JsonlDataset):

@@ -9,6 +9,7 @@ One module serves every front end (eval_model.py, the OpenAI-compatible server, 
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -25,8 +26,10 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool,
+            tools: list[dict] | None = None) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         tools=tools or None)
 
 
 def build_prompt(
@@ -34,12 +37,15 @@ def build_prompt(
     messages: list[dict],
     max_prompt_tokens: int,
     add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
 ) -> list[int]:
-    """Token ids of the chat-templated conversation, at most max_prompt_tokens long.
+    """Token ids of the chat-templated conversation (with `tools`, OpenAI function schemas, listed by the
+    template), at most max_prompt_tokens long.
 
     Too long: the oldest non-system messages are dropped first (a leading assistant reply goes with the user turn
-    before it; the last message always stays), then tokens are cut from the left of everything after the system
-    message. The system message is always kept whole; if it alone does not fit, ValueError.
+    before it, and tool results with the call before them; the last message always stays), then tokens are cut
+    from the left of everything after the system turn. The system turn (the system message and the tools) is
+    always kept whole; if it alone does not fit, ValueError.
     """
     if not messages:
         raise ValueError("messages is empty")
@@ -47,16 +53,16 @@ def build_prompt(
         raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
     system = [m for m in messages[:1] if m.get("role") == "system"]
     turns = list(messages[len(system):])
-    ids = _encode(tokenizer, _render(tokenizer, system + turns, add_generation_prompt))
+    ids = _encode(tokenizer, _render(tokenizer, system + turns, add_generation_prompt, tools))
     while len(ids) > max_prompt_tokens and len(turns) > 1:
         turns.pop(0)
-        while len(turns) > 1 and turns[0].get("role") == "assistant":
+        while len(turns) > 1 and turns[0].get("role") in ("assistant", "tool"):
             turns.pop(0)
-        ids = _encode(tokenizer, _render(tokenizer, system + turns, add_generation_prompt))
+        ids = _encode(tokenizer, _render(tokenizer, system + turns, add_generation_prompt, tools))
     if len(ids) <= max_prompt_tokens:
         return ids
-    text = _render(tokenizer, system + turns, add_generation_prompt)
-    prefix_text = _render(tokenizer, system, add_generation_prompt=False) if system else ""
+    text = _render(tokenizer, system + turns, add_generation_prompt, tools)
+    prefix_text = _system_turn(tokenizer, system, tools) if system or tools else ""
     if not text.startswith(prefix_text):
         raise ValueError("the chat template does not render the system message as a prefix; cannot keep it")
     prefix = _encode(tokenizer, prefix_text) if prefix_text else []
@@ -65,6 +71,20 @@ def build_prompt(
         raise ValueError(f"the system message alone is {len(prefix)} tokens; it does not fit in {max_prompt_tokens}")
     rest = _encode(tokenizer, text[len(prefix_text):])
     return prefix + rest[-room:]
+
+
+def _system_turn(tokenizer: PreTrainedTokenizerBase, system: list[dict], tools: list[dict] | None) -> str:
+    """What the template renders before the first turn after the system message: the system message and the tool
+    list. (With tools and no system message there is nothing to render alone, so it is the common start of two
+    conversations that differ in their first user message, less that message's header.)"""
+    if not tools:
+        return _render(tokenizer, system, add_generation_prompt=False)
+    first = [_render(tokenizer, system + [{"role": "user", "content": c}], False, tools) for c in "ab"]
+    header = os.path.commonprefix([_render(tokenizer, [{"role": "user", "content": c}], False) for c in "ab"])
+    shared = os.path.commonprefix(first)
+    if not shared.endswith(header):
+        raise ValueError("the chat template does not render the tools before the conversation; cannot keep them")
+    return shared[: len(shared) - len(header)]
 
 
 def build_continuation_prompt(tokenizer: PreTrainedTokenizerBase, text: str, max_prompt_tokens: int) -> list[int]:
@@ -150,19 +170,21 @@ class ChatPrompt:
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_new_tokens: int, max_context: int,
-                continuation: bool = False) -> ChatPrompt:
-    """The prompt for `messages` and the reply's token budget within max_context.
+                continuation: bool = False, tools: list[dict] | None = None, reply_prefix: str = "") -> ChatPrompt:
+    """The prompt for `messages` (and `tools`) and the reply's token budget within max_context.
 
     continuation=True is for pretrained models (model_mode 0): no chat template, the model continues bos + the last
-    message's content. The prompt keeps at most max_context - max_new_tokens tokens (but at least half the
-    context), so prompt + reply never exceed max_context."""
+    message's content. reply_prefix is text the reply is made to start with (e.g. the opening of a tool call the
+    caller requires); it ends the prompt, so it is not part of what is generated. The prompt keeps at most
+    max_context - max_new_tokens tokens (but at least half the context), so prompt + reply never exceed max_context."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    prompt_budget = max(max_context - max_new_tokens, max_context // 2)
+    prefix_ids = _encode(tokenizer, reply_prefix) if reply_prefix else []
+    prompt_budget = max(max_context - max_new_tokens, max_context // 2) - len(prefix_ids)
     if continuation:
         ids = build_continuation_prompt(tokenizer, messages[-1]["content"], prompt_budget)
     else:
-        ids = build_prompt(tokenizer, messages, prompt_budget)
+        ids = build_prompt(tokenizer, messages, prompt_budget, tools=tools) + prefix_ids
     return ChatPrompt(ids, min(max_new_tokens, max_context - len(ids)))
 
 
@@ -224,13 +246,15 @@ def stream_chat(
     stop: list[str] | None = None,
     max_context: int | None = None,
     continuation: bool = False,
+    tools: list[dict] | None = None,
 ) -> Generator[str, None, GenerationResult]:
     """Yield the reply to `messages` as text deltas; return a GenerationResult when done.
 
-    The prompt and the reply's budget come from chat_prompt (max_context defaults to the model's max_seq_len);
-    generation stops at eos, at a stop string (not part of the reply) or when the budget is spent, with
-    finish_reason "length"."""
-    prompt = chat_prompt(tokenizer, messages, max_new_tokens, max_context or model.config.max_seq_len, continuation)
+    The prompt and the reply's budget come from chat_prompt (max_context defaults to the model's max_seq_len;
+    `tools` are listed in the prompt, see model/tools.py for reading calls back out of the reply); generation stops
+    at eos, at a stop string (not part of the reply) or when the budget is spent, with finish_reason "length"."""
+    prompt = chat_prompt(tokenizer, messages, max_new_tokens, max_context or model.config.max_seq_len, continuation,
+                         tools)
     reply = ReplyText(tokenizer, len(prompt.ids), stop)
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt.ids], dtype=torch.long, device=device)  # (1, T)

@@ -125,7 +125,8 @@ def load_checkpoint(source: str | os.PathLike, *, layout: str | None = None, pre
         raise ConfigError(f"--layout {layout}: {source} has {detected} key names")
     state = native_names(tensors, detected, source)
     given = {name: value for name, value in given.items() if value is not None}
-    made_from = "the flags" if config is not None or given or preset else "its layout and shapes"
+    made_from = ("the flags" if config is not None or given or preset
+                 else "its config.json" if config_json is not None else "its layout and shapes")
     if config is None and config_json is not None:
         config = config_from_json(config_json, layout, str(Path(source) / "config.json"), **given)
     elif config is None:

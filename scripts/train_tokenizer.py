@@ -9,7 +9,8 @@ Fixed ids, in this order (the model, the datasets and the chat template rely on 
     1 <|im_start|>    bos, starts every chat turn    (special)
     2 <|im_end|>      eos, ends every chat turn      (special)
     3 <think>  4 </think>  5 <answer>  6 </answer>   (single tokens, NOT special: they survive
-                                                       decode(..., skip_special_tokens=True))
+    7 <tool_call>  8 </tool_call>                      decode(..., skip_special_tokens=True))
+    9 <tool_response>  10 </tool_response>
 
 Input lines: with `--field auto` (default) a `{"text": str}` line contributes its text and a
 `{"conversations": [{"role", "content"}, ...]}` line contributes every `content`; `--field NAME` reads key NAME
@@ -40,23 +41,62 @@ PAD_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
 CHATML_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
-TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
-RESERVED_TOKENS = CHATML_TOKENS + TAG_TOKENS  # ids 0..6, in this order
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>", "<tool_call>", "</tool_call>", "<tool_response>",
+              "</tool_response>"]
+RESERVED_TOKENS = CHATML_TOKENS + TAG_TOKENS  # ids 0..10, in this order
 
-# ChatML. No default system prompt is injected; an unknown role is a template error rather than silent output.
+# ChatML, with tools. No default system prompt is injected; an unknown role is a template error rather than silent
+# output. `tools` (OpenAI function schemas) are listed in the system turn, one JSON object per line; an assistant
+# turn's `tool_calls` follow its text as <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks (arguments
+# given as a JSON string are written as they are); consecutive `tool` messages share one user-side turn, each
+# result inside <tool_response>...</tool_response>.
 CHAT_TEMPLATE = """\
-{%- for message in messages -%}
-    {%- if message['role'] not in ['system', 'user', 'assistant'] -%}
-        {{- raise_exception('MiniMind chat template: unknown role ' ~ message['role']|tojson ~ ' in message '
-                            ~ loop.index0 ~ ' (expected system, user or assistant)') -}}
+{%- if tools -%}
+    {{- '<|im_start|>system\\n' -}}
+    {%- if messages and messages[0]['role'] == 'system' -%}
+        {{- messages[0]['content'] ~ '\\n\\n' -}}
     {%- endif -%}
-    {{- '<|im_start|>' ~ message['role'] ~ '\\n' ~ message['content'] ~ '<|im_end|>\\n' -}}
+    {{- '# Tools\\nTo call one, write <tool_call>{"name": ..., "arguments": {...}}</tool_call>. Available:' -}}
+    {%- for tool in tools -%}
+        {{- '\\n' ~ tool | tojson -}}
+    {%- endfor -%}
+    {{- '<|im_end|>\\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+    {%- set role = message['role'] -%}
+    {%- if role not in ['system', 'user', 'assistant', 'tool'] -%}
+        {{- raise_exception('MiniMind chat template: unknown role ' ~ role|tojson ~ ' in message '
+                            ~ loop.index0 ~ ' (expected system, user, assistant or tool)') -}}
+    {%- elif role == 'tool' -%}
+        {%- if loop.first or loop.previtem['role'] != 'tool' -%}
+            {{- '<|im_start|>user\\n' -}}
+        {%- else -%}
+            {{- '\\n' -}}
+        {%- endif -%}
+        {{- '<tool_response>' ~ message['content'] ~ '</tool_response>' -}}
+        {%- if loop.last or loop.nextitem['role'] != 'tool' -%}
+            {{- '<|im_end|>\\n' -}}
+        {%- endif -%}
+    {%- elif not (role == 'system' and loop.first and tools) -%}
+        {{- '<|im_start|>' ~ role ~ '\\n' ~ (message['content'] or '') -}}
+        {%- for call in (message['tool_calls'] or []) if role == 'assistant' -%}
+            {%- set function = call['function'] if call['function'] is defined else call -%}
+            {%- if message['content'] or not loop.first -%}
+                {{- '\\n' -}}
+            {%- endif -%}
+            {%- if function['arguments'] is string -%}
+                {{- '<tool_call>{"name": ' ~ function['name'] | tojson ~ ', "arguments": ' ~ function['arguments'] ~ '}</tool_call>' -}}
+            {%- else -%}
+                {{- '<tool_call>' ~ {'name': function['name'], 'arguments': function['arguments']} | tojson ~ '</tool_call>' -}}
+            {%- endif -%}
+        {%- endfor -%}
+        {{- '<|im_end|>\\n' -}}
+    {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
     {{- '<|im_start|>assistant\\n' -}}
 {%- endif -%}
 """
-
 
 def _texts_of_record(record: object, field: str, where: str) -> list[str]:
     """The strings one parsed jsonl line contributes; `where` ("file:line") names the line in errors."""
@@ -111,7 +151,7 @@ def iter_texts(data_paths: Sequence[str | Path], field: str = "auto", max_chars:
 
 
 def build_bpe_tokenizer(texts: Iterator[str], vocab_size: int, isolate_spaces: bool = False) -> Tokenizer:
-    """Train a byte-level BPE whose ids 0..6 are RESERVED_TOKENS; the four tags are marked non-special.
+    """Train a byte-level BPE whose ids 0..10 are RESERVED_TOKENS; the tags are marked non-special.
 
     isolate_spaces: every space becomes a token of its own, so a word is the same token at the start of a text,
     after a space or beside Chinese characters (GPT-2's rule glues a leading space to the word: "Kalo" and " Kalo"
@@ -119,7 +159,8 @@ def build_bpe_tokenizer(texts: Iterator[str], vocab_size: int, isolate_spaces: b
     name together (the bundled demo uses it)."""
     minimum = len(RESERVED_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size <= minimum:
-        raise ConfigError(f"--vocab_size must exceed {minimum} (7 reserved tokens + 256 byte symbols), got {vocab_size}")
+        raise ConfigError(f"--vocab_size must exceed {minimum} ({len(RESERVED_TOKENS)} reserved tokens + 256 byte "
+                          f"symbols), got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if isolate_spaces:
@@ -129,7 +170,7 @@ def build_bpe_tokenizer(texts: Iterator[str], vocab_size: int, isolate_spaces: b
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=RESERVED_TOKENS,  # the trainer gives these ids 0..6 in list order
+        special_tokens=RESERVED_TOKENS,  # the trainer gives these ids 0..10 in list order
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so any input is encodable
         show_progress=False,
     )

@@ -463,8 +463,9 @@ def test_terminal_client_shows_reasoning_apart_and_keeps_history(tiny):
 
 
 def test_a_client_that_goes_away_stops_its_generation(tiny, live_server):
-    model, _ = tiny
-    with scripted_output(model, [205] * 300, delay=0.02):  # 300 steps: >= 6 s if nobody stopped it
+    model, tokenizer = tiny
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    with scripted_output(model, newline * 300, delay=0.02):  # 300 steps: >= 6 s if nobody stopped it
         body = {"messages": HELLO, "max_tokens": 300, "stream": True}
         with httpx.stream("POST", f"{live_server}/v1/chat/completions", json=body,
                           headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as response:

@@ -88,8 +88,8 @@ def test_chat_template_renders_chatml(tokenizer):
 
 
 def test_chat_template_rejects_unknown_role(tokenizer):
-    with pytest.raises(jinja2.TemplateError, match="unknown role \"tool\".*message 1"):
-        tokenizer.apply_chat_template([CONVERSATION[1], {"role": "tool", "content": "x"}], tokenize=False)
+    with pytest.raises(jinja2.TemplateError, match="unknown role \"function\".*message 1"):
+        tokenizer.apply_chat_template([CONVERSATION[1], {"role": "function", "content": "x"}], tokenize=False)
 
 
 def test_rendered_chat_encodes_markers_as_single_ids(tokenizer):

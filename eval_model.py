@@ -7,6 +7,7 @@ Run:
     python eval_model.py --history_cnt 4 --temperature 0.7 # multi-turn: keep the last 4 messages as context
     python eval_model.py --lora_name lora_medical          # base weights + out/lora/lora_medical_512.pth
     python eval_model.py --load 1 --hf_path MiniMind2-Small # a Hugging Face folder (scripts/convert_model.py)
+    python eval_model.py --tools --tools_file facts.json    # the model may call a calculator, the time, a lookup
 
 Model modes: 0 pretrain (raw text continuation), 1 full_sft, 2 rlhf (DPO), 3 reason (think part shown apart).
 Interactive commands: `/clear` forgets the history, `exit` (or Ctrl-D) quits.
@@ -14,6 +15,7 @@ Interactive commands: `/clear` forgets the history, `exit` (or Ctrl-D) quits.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from typing import TextIO
 from transformers import PreTrainedTokenizerBase
 
 from model import MiniMindLM
-from model.common import PRETRAIN_MODE, REASON_MODE, exit_on_input_error
+from model.common import PRETRAIN_MODE, REASON_MODE, exit_on_input_error, require_file
 from model.inference import (
     GenerationResult,
     ReplyRouter,
@@ -30,6 +32,7 @@ from model.inference import (
     stream_chat,
 )
 from model.loading import add_model_args, load_model, model_source
+from model.tools import Tool, ToolCallStream, builtin_tools, tool_conversation
 TEST_PROMPTS = {  # a few Chinese and English prompts per kind of model
     "pretrain": [
         "马克思主义基本原理",
@@ -100,39 +103,68 @@ class ReplyPrinter:
             self.at_line_start = text.endswith("\n")
 
 
-def answer(model: MiniMindLM, tokenizer: PreTrainedTokenizerBase, prompt: str, history: list[dict],
-           args: argparse.Namespace, out: TextIO) -> GenerationResult:
-    """Stream one reply to `prompt` (with the kept history) to `out` and return the result."""
-    if args.model_mode == PRETRAIN_MODE:
-        messages = [{"role": "user", "content": prompt}]
-        out.write(f"🤖: {prompt}")
-    else:
-        kept = history[-args.history_cnt :] if args.history_cnt > 0 else []
-        messages = kept + [{"role": "user", "content": prompt}]
-        out.write("🤖: ")
+def stream_reply(model: MiniMindLM, tokenizer: PreTrainedTokenizerBase, messages: list[dict], args: argparse.Namespace,
+                 out: TextIO, tools: dict[str, Tool] | None = None) -> GenerationResult:
+    """Stream one reply to `messages` to `out` (tool-call blocks are not printed: the caller shows the calls)."""
     printer = ReplyPrinter(out, reasoning=args.model_mode == REASON_MODE)
+    splitter = ToolCallStream() if tools else None
     start = time.perf_counter()
     stream = stream_chat(model, tokenizer, messages, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                          repetition_penalty=args.repetition_penalty, seed=args.seed,
-                         continuation=args.model_mode == PRETRAIN_MODE)
+                         continuation=args.model_mode == PRETRAIN_MODE,
+                         tools=[tool.schema for tool in tools.values()] if tools else None)
     while True:
         try:
-            printer.write(next(stream))
+            delta = next(stream)
         except StopIteration as done:
             result: GenerationResult = done.value
             break
+        for piece in splitter.feed(delta) if splitter else [delta]:
+            if isinstance(piece, str):
+                printer.write(piece)
+    for piece in splitter.close() if splitter else []:
+        printer.write(piece)
     printer.close()
     if args.show_speed:
         seconds = time.perf_counter() - start
         out.write(f"[{result.completion_tokens} tokens in {seconds:.1f}s, "
                   f"{result.completion_tokens / max(seconds, 1e-9):.1f} tokens/s, finish: {result.finish_reason}]\n")
-    if args.model_mode != PRETRAIN_MODE:
-        # A reasoning model's think part is not fed back: the history keeps the answers only.
-        reply = split_reasoning(result.text)[1] if args.model_mode == REASON_MODE else result.text
-        history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
-    out.write("\n")
     return result
+
+
+def answer(model: MiniMindLM, tokenizer: PreTrainedTokenizerBase, prompt: str, history: list[dict],
+           args: argparse.Namespace, out: TextIO, tools: dict[str, Tool] | None = None) -> GenerationResult:
+    """Stream the reply to `prompt` (with the kept history) to `out` and return the result. With `tools`, each
+    call the model makes is run and shown (🔧 name(arguments) → result) and its result fed back, until the model
+    answers without calling (at most --max_tool_rounds replies)."""
+    if args.model_mode == PRETRAIN_MODE:
+        out.write(f"🤖: {prompt}")
+        result = stream_reply(model, tokenizer, [{"role": "user", "content": prompt}], args, out)
+        out.write("\n")
+        return result
+    kept = history[-args.history_cnt :] if args.history_cnt > 0 else []
+    messages = kept + [{"role": "user", "content": prompt}]
+    out.write("🤖: ")
+    results: list[GenerationResult] = []
+
+    def reply(conversation: list[dict]) -> str:
+        results.append(stream_reply(model, tokenizer, conversation, args, out, tools))
+        return results[-1].text
+
+    if tools:
+        for round_ in tool_conversation(reply, messages, tools, max_rounds=args.max_tool_rounds):
+            for call, output in zip(round_.calls, round_.results):
+                out.write(f"🔧 {call.name}({json.dumps(call.arguments, ensure_ascii=False)}) → {output}\n")
+            if round_.calls:
+                out.write("🤖: ")
+    else:
+        # A reasoning model's think part is not fed back: the history keeps the answers only.
+        text = reply(messages)
+        messages.append({"role": "assistant", "content": split_reasoning(text)[1] if args.model_mode == REASON_MODE else text})
+    history += messages[len(kept):]
+    out.write("\n")
+    return results[-1]
 
 
 def free_input(stdin: TextIO, out: TextIO) -> Iterator[str]:
@@ -163,9 +195,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--prompt", default=None, help="answer this prompt once and exit")
     run.add_argument("--auto", action="store_true", help="run the built-in test prompts without asking")
     run.add_argument("--show_speed", action="store_true", help="print tokens/s after each reply")
+    tools = parser.add_argument_group("tools")
+    tools.add_argument("--tools", action="store_true",
+                       help="offer the built-in tools (a calculator, the current time, and a lookup with --tools_file); "
+                            "calls are run and their results fed back until the model answers")
+    tools.add_argument("--tools_file", default=None, help="a JSON object file the lookup tool searches by key")
+    tools.add_argument("--max_tool_rounds", type=int, default=4, help="replies per prompt at most, with --tools")
     args = parser.parse_args(argv)
-    if args.history_cnt < 0 or args.max_new_tokens < 1:
-        parser.error("--history_cnt must be >= 0 and --max_new_tokens >= 1")
+    if args.history_cnt < 0 or args.max_new_tokens < 1 or args.max_tool_rounds < 1:
+        parser.error("--history_cnt must be >= 0, --max_new_tokens and --max_tool_rounds >= 1")
+    if (args.tools or args.tools_file) and args.model_mode == PRETRAIN_MODE:
+        parser.error("--tools needs a chat model: a pretrained one (--model_mode 0) only continues text")
     return args
 
 
@@ -173,6 +213,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
     """Run the chat; argv, stdin and out default to the command line and the terminal (tests pass their own)."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
     args = parse_args(argv)
+    tools = builtin_tools(require_file(args.tools_file, "pass a JSON object file of facts to --tools_file", "tools file")
+                          if args.tools_file else None) if args.tools or args.tools_file else None
     model, tokenizer = load_model(args)
     device = next(model.parameters()).device
     source = model_source(args)
@@ -198,7 +240,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
             continue
         if echo:
             out.write(f"👶: {prompt}\n")
-        answer(model, tokenizer, prompt, history, args, out)
+        answer(model, tokenizer, prompt, history, args, out, tools)
 
 
 if __name__ == "__main__":

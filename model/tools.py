@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .common import DataFormatError
+
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 TOOL_CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
@@ -203,10 +205,13 @@ class JsonLookup:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        with self.path.open(encoding="utf-8") as f:
-            table = json.load(f)
+        try:
+            with self.path.open(encoding="utf-8") as f:
+                table = json.load(f)
+        except json.JSONDecodeError as error:
+            raise DataFormatError(f"{self.path}: invalid JSON at line {error.lineno}: {error.msg}") from None
         if not isinstance(table, dict):
-            raise ValueError(f"{self.path}: a lookup table must be a JSON object of key -> value")
+            raise DataFormatError(f"{self.path}: a lookup table must be a JSON object of key -> value")
         self.table = {str(k): v for k, v in table.items()}
 
     def __call__(self, query: str) -> str:

@@ -6,10 +6,13 @@ a raw-text prompt. Printed output, stop strings, truncation and streaming are ch
 or against `model.generate` + `tokenizer.decode` for models that were not trained.
 """
 import argparse
+import dataclasses
 import io
+import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 import eval_model
 from conftest import ROOT, TINY, TINY_FLAGS
 from model import LMConfig, MiniMindLM
-from model.common import WeightsMismatchError
+from model.common import DataFormatError, WeightsMismatchError
 from model.hf_minimind import save_hf_folder
 from model.inference import (
     IncrementalDecoder,
@@ -29,6 +32,7 @@ from model.inference import (
 )
 from model.loading import add_model_args, load_model
 from model.model_lora import apply_lora, save_lora
+from model.tools import builtin_tools
 
 QUESTION = "9.11和9.9哪个大？"
 THINK, ANSWER = "比较小数位", "9.9更大🙂"
@@ -392,3 +396,65 @@ def test_model_mode_takes_numbers_and_stage_names(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--model_mode", "sft"])
     assert "unknown model mode 'sft': use 0 or pretrain, 1 or full_sft, 2 or rlhf, 3 or reason" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval_model.py --tools
+
+
+@contextmanager
+def scripted_replies(model, tokenizer, replies: list[str]):
+    """Generation number i emits replies[i] (then eos), whatever the prompt; the prompts are collected."""
+    scripts = [tokenizer.encode(r, add_special_tokens=False) + [tokenizer.eos_token_id] for r in replies]
+    prompts: list[list[int]] = []
+    step = 0
+
+    def force(module, args, kwargs, output):
+        nonlocal step
+        if kwargs.get("past_key_values") is None:
+            prompts.append(args[0][0].tolist())
+            step = 0
+        else:
+            step += 1
+        script = scripts[min(len(prompts), len(scripts)) - 1]
+        forced = torch.full_like(output.logits, -1e4)
+        forced[..., script[min(step, len(script) - 1)]] = 1e4
+        return dataclasses.replace(output, logits=forced)
+
+    handle = model.register_forward_hook(force, with_kwargs=True)
+    try:
+        yield prompts
+    finally:
+        handle.remove()
+
+
+def test_tools_run_the_calls_and_feed_results_back(memorized, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(memorized.config, "max_seq_len", 2048)  # room for the three tool schemas (~430 tokens)
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps({"Kalo": "a river town"}), encoding="utf-8")
+    args = eval_model.parse_args(["--tools", "--tools_file", str(facts), "--temperature", "0", "--max_new_tokens", "60"])
+    tools = builtin_tools(facts)
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "123*456"}}</tool_call>'
+    lookup = '<tool_call>{"name": "lookup", "arguments": {"query": "kalo"}}</tool_call>'
+    out, history = io.StringIO(), []
+    with scripted_replies(memorized, tokenizer, [f"Let me compute.{call}", lookup, "56088, by a river town."]) as prompts:
+        result = eval_model.answer(memorized, tokenizer, "123*456?", history, args, out, tools)
+    assert out.getvalue() == ('🤖: Let me compute.\n🔧 calculator({"expression": "123*456"}) → 56088\n'
+                              '🤖: \n🔧 lookup({"query": "kalo"}) → {"Kalo": "a river town"}\n'
+                              "🤖: 56088, by a river town.\n\n")
+    assert result.text == "56088, by a river town."
+    schemas = [tool.schema for tool in tools.values()]
+    assert [tokenizer.decode(p) for p in prompts] == [tokenizer.apply_chat_template(
+        history[:n], tools=schemas, tokenize=False, add_generation_prompt=True) for n in (1, 3, 5)]
+    assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert history[2]["content"] == "56088" and "<tool_response>56088</tool_response>" in tokenizer.decode(prompts[1])
+
+
+def test_tools_flag_errors(out_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        eval_model.parse_args(["--tools", "--model_mode", "0"])
+    assert "--tools needs a chat model" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": 1,\n "b": }', encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"bad.json: invalid JSON at line 2"):
+        run_eval(out_dir[0], "--tools_file", str(bad), "--prompt", "hi")

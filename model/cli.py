@@ -157,10 +157,11 @@ def training_parser(
 
 
 def train_settings(args: argparse.Namespace) -> TrainSettings:
-    """The Trainer's settings from the parsed flags (fields and flags share their names); every flag is kept in
-    `flags` for the resume file and wandb."""
+    """The Trainer's settings from the parsed flags (fields and flags share their names; a field no stage flag
+    sets, such as updates_per_batch outside RL, keeps its default); every flag is kept in `flags` for the resume
+    file and wandb."""
     names = {f.name for f in fields(TrainSettings)} - {"flags"}
-    return TrainSettings(**{name: getattr(args, name) for name in names}, flags=dict(vars(args)))
+    return TrainSettings(**{name: getattr(args, name) for name in names if hasattr(args, name)}, flags=dict(vars(args)))
 
 
 def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,6 +14,9 @@ stage script supplies only what makes it different:
 - `export_state_dict(model)` says what goes in the weights file (default: the whole state dict; LoRA: adapters).
 - `frozen_models` (DPO reference, distillation teacher) are moved to the device and put in eval mode, but never
   wrapped in DDP/DeepSpeed, never optimized and never saved.
+- `stage_state`: an object with `state_dict()` / `load_state_dict(state)` whose (per-rank) state goes into the
+  resume file, for a stage that carries state from step to step (RL: the batch of rollouts being reused).
+- `updates_per_batch` (settings) R > 1 makes R optimizer steps in a row on each step's data (see GlobalBatchSampler).
 
 Data order and exact resume. Each epoch uses one permutation of the dataset, drawn from (seed, epoch) alone. The
 permutation is consumed in global micro-batches of batch_size * world_size samples, rank r taking the r-th
@@ -72,6 +75,7 @@ class TrainSettings:
     epochs: int = 1  # passes over the data
     batch_size: int = 32  # samples per micro-batch per process
     accumulation_steps: int = 1  # micro-batches per optimizer step
+    updates_per_batch: int = 1  # optimizer steps on each step's data in a row (RL: updates per batch of rollouts)
     max_steps: int = 0  # stop after this many optimizer steps in total (0: run all epochs)
     seed: int = 1337  # the data order and, as seed + rank, every rank's random streams
     num_workers: int = 0  # DataLoader worker processes
@@ -139,25 +143,30 @@ class GlobalBatchSampler(Sampler[list[int]]):
     rank r takes its r-th slice of B. An epoch is a whole number of optimizer steps (accumulation_steps
     micro-batches each) that covers every sample: the last step, where the permutation runs out, is filled from its
     beginning again (as torch's DistributedSampler pads), so every step and every rank has the same shape.
+    With `repeats` R > 1 each step's micro-batches come R times in a row (R optimizer steps on the same data, as
+    RL stages update several times on one batch of rollouts); `skip` leaves out the first repeats of the first step
+    (a run resumed between them).
     """
 
     def __init__(self, dataset_size: int, batch_size: int, rank: int, world_size: int, accumulation_steps: int,
-                 seed: int, epoch: int, start: int = 0):
+                 seed: int, epoch: int, start: int = 0, repeats: int = 1, skip: int = 0):
         self.dataset_size, self.batch_size, self.rank = dataset_size, batch_size, rank
         self.seed, self.epoch, self.start = seed, epoch, start
         self.samples_per_micro_batch = batch_size * world_size
         self.samples_per_step = self.samples_per_micro_batch * accumulation_steps
         self.steps = steps_to_cover(dataset_size - start, self.samples_per_step)
-        self.accumulation_steps = accumulation_steps
+        self.accumulation_steps, self.repeats, self.skip = accumulation_steps, repeats, skip
 
     def __len__(self) -> int:
-        return self.steps * self.accumulation_steps
+        return (self.steps * self.repeats - self.skip) * self.accumulation_steps
 
     def __iter__(self) -> Iterator[list[int]]:
         order = epoch_permutation(self.dataset_size, self.seed, self.epoch)
-        for micro in range(len(self)):
-            first = self.start + micro * self.samples_per_micro_batch + self.rank * self.batch_size
-            yield [order[i % self.dataset_size] for i in range(first, first + self.batch_size)]
+        for step in range(self.steps):
+            for _ in range(self.repeats - (self.skip if step == 0 else 0)):
+                for micro in range(step * self.accumulation_steps, (step + 1) * self.accumulation_steps):
+                    first = self.start + micro * self.samples_per_micro_batch + self.rank * self.batch_size
+                    yield [order[i % self.dataset_size] for i in range(first, first + self.batch_size)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,6 +232,7 @@ class Trainer:
         weights_file: str | Path,
         export_state_dict: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
         frozen_models: tuple[nn.Module, ...] | list[nn.Module] = (),
+        stage_state: object | None = None,
     ):
         settings = replace(settings, dtype=resolve_training_dtype(settings.dtype, ctx.device))
         self.settings, self.ctx = settings, ctx
@@ -231,6 +241,7 @@ class Trainer:
         self.weights_file = Path(weights_file)
         self.resume_file = ckpt.resume_path(self.weights_file)
         self.export_state_dict = export_state_dict or (lambda m: m.state_dict())
+        self.stage_state = stage_state
         self.dataset_size = len(train_dataset)
         self.samples_per_step = settings.batch_size * ctx.world_size * settings.accumulation_steps
         if self.dataset_size < self.samples_per_step:
@@ -243,8 +254,9 @@ class Trainer:
             for name in (self.weights_file.name, self.resume_file.name):
                 ckpt.remove_stale_temp_files(self.weights_file.parent, name)
 
-        # Progress: optimizer steps done, and the position (epoch, samples consumed in it) in the data order.
-        self.step, self.epoch, self.epoch_samples = 0, 0, 0
+        # Progress: optimizer steps done, and the position (epoch, samples consumed in it, and with
+        # updates_per_batch > 1 the updates already made on the current step's data) in the data order.
+        self.step, self.epoch, self.epoch_samples, self.repeat = 0, 0, 0, 0
         self.wandb_run_id: str | None = None
         resume_state = self._read_resume_file() if settings.resume else None
         # DeepSpeed keeps its own states in a folder beside the resume file: out/pretrain_512_resume/
@@ -279,6 +291,12 @@ class Trainer:
     def _restore(self, state: dict) -> None:
         self.backend.load(state, self.resume_file)
         self.step, self.epoch, self.epoch_samples = state["step"], state["epoch"], state["epoch_samples"]
+        self.repeat = state.get("repeat", 0)
+        if self.stage_state is not None:
+            if len(state["stage"]) != self.ctx.world_size:
+                raise ConfigError(f"{self.resume_file} holds the stage state of {len(state['stage'])} process(es); "
+                                  f"resume with as many")
+            self.stage_state.load_state_dict(state["stage"][self.ctx.rank])
         self.wandb_run_id = state["wandb_run_id"]
         rng_states = state["rng"]
         if len(rng_states) == self.ctx.world_size:
@@ -298,6 +316,7 @@ class Trainer:
         """Weights file and resume file, both atomic. Every rank must call this (RNG states are gathered, and
         DeepSpeed writes every rank's part)."""
         rng_states = gather_objects(ckpt.capture_rng_state(self.ctx.device), self.ctx)
+        stage_states = gather_objects(self.stage_state.state_dict(), self.ctx) if self.stage_state is not None else None
         backend_state = self.backend.state(tag=f"step_{self.step}")
         if self.ctx.is_main:
             weights = self.export_state_dict(self.model)
@@ -307,6 +326,8 @@ class Trainer:
                 "step": self.step,
                 "epoch": self.epoch,
                 "epoch_samples": self.epoch_samples,
+                "repeat": self.repeat,
+                **({"stage": stage_states} if stage_states is not None else {}),
                 "dataset_size": self.dataset_size,
                 "seed": self.settings.seed,
                 "world_size": self.ctx.world_size,
@@ -322,10 +343,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     # The loop
 
-    def _loader(self, epoch: int, start: int) -> DataLoader:
+    def _loader(self, epoch: int, start: int, skip: int = 0) -> DataLoader:
         settings = self.settings
         sampler = GlobalBatchSampler(self.dataset_size, settings.batch_size, self.ctx.rank, self.ctx.world_size,
-                                     settings.accumulation_steps, settings.seed, epoch, start)
+                                     settings.accumulation_steps, settings.seed, epoch, start,
+                                     settings.updates_per_batch, skip)
         return DataLoader(
             self.dataset,
             batch_sampler=sampler,
@@ -338,8 +360,9 @@ class Trainer:
 
     def total_steps(self) -> int:
         """Optimizer steps of the whole run from the current position (fixes the LR schedule's length)."""
-        steps_per_epoch = steps_to_cover(self.dataset_size, self.samples_per_step)
-        left_in_epoch = steps_to_cover(self.dataset_size - self.epoch_samples, self.samples_per_step)
+        repeats = self.settings.updates_per_batch
+        steps_per_epoch = steps_to_cover(self.dataset_size, self.samples_per_step) * repeats
+        left_in_epoch = steps_to_cover(self.dataset_size - self.epoch_samples, self.samples_per_step) * repeats - self.repeat
         return self.step + left_in_epoch + (self.settings.epochs - self.epoch - 1) * steps_per_epoch
 
     def fit(self) -> None:
@@ -358,7 +381,7 @@ class Trainer:
         last_saved_step = self.step if settings.resume else -1
 
         while self.epoch < settings.epochs and self.step < final_step:
-            for micro, batch in enumerate(self._loader(self.epoch, self.epoch_samples)):
+            for micro, batch in enumerate(self._loader(self.epoch, self.epoch_samples, self.repeat)):
                 batch = batch.to(ctx.device)
                 last = (micro + 1) % settings.accumulation_steps == 0  # this micro-batch completes a step
                 with backend.accumulating(last):
@@ -375,7 +398,9 @@ class Trainer:
                 lr = lr_at(self.step, total_steps, settings.learning_rate, settings.warmup_iters)
                 backend.step(lr)
                 self.step += 1
-                self.epoch_samples += self.samples_per_step
+                self.repeat = (self.repeat + 1) % settings.updates_per_batch
+                if self.repeat == 0:  # the last update on this step's data: on to the next samples
+                    self.epoch_samples += self.samples_per_step
                 if logger is not None:
                     logger.advance()
                 if self.step % settings.log_interval == 0 or self.step == final_step:

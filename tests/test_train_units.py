@@ -46,7 +46,7 @@ from model.trainer import (
 from model.distributed import DistContext, deepspeed_config
 
 import conftest
-from conftest import ROOT, write_lines
+from conftest import ROOT, same_weights, write_lines
 
 CPU = torch.device("cpu")
 TINY = {**conftest.TINY, "vocab_size": 64}
@@ -526,3 +526,61 @@ def test_sft_without_pretrained_weights_names_the_stage_to_run_first(tmp_path, m
     code = run_script_main("train_full_sft.py", argv, monkeypatch)
     err = capsys.readouterr().err
     assert code == 2 and f"{tmp_path}/pretrain_64.pth not found" in err and "run train_pretrain.py first" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several updates per batch (RL): repeated steps, stage state in the resume file
+
+
+def test_sampler_repeats_each_steps_micro_batches_in_a_row():
+    plain = list(GlobalBatchSampler(12, 2, 0, 1, 2, seed=3, epoch=0))  # 3 steps of 2 micro-batches
+    steps = [plain[i:i + 2] for i in range(0, 6, 2)]
+    repeated = list(GlobalBatchSampler(12, 2, 0, 1, 2, seed=3, epoch=0, repeats=3))
+    assert repeated == [mb for step in steps for mb in step * 3] and len(repeated) == 18
+    resumed = list(GlobalBatchSampler(12, 2, 0, 1, 2, seed=3, epoch=0, start=4, repeats=3, skip=2))
+    assert resumed == steps[1] + steps[2] * 3  # one update left on step 2's data, then step 3's three
+
+
+class CountingLoss:
+    """A loss with state carried from step to step (as an RL stage's rollout buffer): the number of batches seen,
+    which scales the loss, so a resume that lost it would train differently."""
+
+    def __init__(self):
+        self.calls = torch.zeros((), dtype=torch.long)
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        loss, metrics = causal_lm_loss(model, batch)
+        return loss * (1 + 0.1 * self.calls), {**metrics, "calls": self.calls.float()}
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = state["calls"].clone()
+
+
+def test_updates_per_batch_resume_between_updates_is_exact(tmp_path):
+    """3 updates per step's data: a run stopped after update 2 of a step and resumed equals the uninterrupted run
+    (weights, losses), with the stage state restored; the schedule counts every update."""
+    def run(out: Path, max_steps: int, resume: bool) -> CountingLoss:
+        settings = TrainSettings(dtype="float32", batch_size=2, accumulation_steps=2, updates_per_batch=3,
+                                 max_steps=max_steps, log_interval=1, save_interval=100, resume=resume)
+        torch.manual_seed(0)
+        loss = CountingLoss()
+        ctx = DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
+        trainer = Trainer(settings, ctx, MiniMindLM(LMConfig(**TINY)), tiny_dataset(10, 8), PadCollator(0), loss,
+                          weights_file=out / "rl.pth", stage_state=loss)
+        assert trainer.total_steps() == 9  # ceil(10 / 4) = 3 steps of data, 3 updates each
+        trainer.fit()
+        return loss
+
+    assert run(tmp_path / "whole", 9, False).calls == 18
+    run(tmp_path / "part", 5, False)
+    state = torch.load(tmp_path / "part" / "rl_resume.pth", weights_only=True)
+    assert (state["step"], state["epoch_samples"], state["repeat"]) == (5, 4, 2) and state["stage"][0]["calls"] == 10
+    assert run(tmp_path / "part", 9, True).calls == 18
+    assert same_weights(torch.load(tmp_path / "part" / "rl.pth", weights_only=True),
+                        torch.load(tmp_path / "whole" / "rl.pth", weights_only=True))
+    ours, theirs = read_metrics(tmp_path / "part" / "rl_metrics.jsonl"), read_metrics(tmp_path / "whole" / "rl_metrics.jsonl")
+    assert [(r["step"], r["loss"], r["calls"]) for r in ours] == [(r["step"], r["loss"], r["calls"]) for r in theirs]

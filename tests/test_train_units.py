@@ -9,6 +9,7 @@ import os
 import random
 import runpy
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest

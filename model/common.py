@@ -154,6 +154,8 @@ STAGE_SCRIPTS = {
     "rlhf": "train_dpo.py",
     "reason": "train_distill_reason.py",
     "full_dist": "train_distillation.py",
+    "grpo": "train_grpo.py",
+    "ppo": "train_ppo.py",
 }
 
 

@@ -205,3 +205,30 @@ def test_reward_weights_errors():
         parse_reward_weights("exact:high")
     with pytest.raises(ValueError, match="needs --reward_model"):
         Rewards({"model": 1.0}, 64)
+
+
+def test_reward_model_scores_the_conversation_with_its_own_tokenizer(tmp_path, tokenizer):
+    """A tiny local sequence-classification model as --reward_model: the score of a reply is the model's logit on
+    the conversation rendered by the reward model's own chat template."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    from model.rewards import RewardModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    scorer = RewardModel(tmp_path, torch.device("cpu"))
+    prompt = [{"role": "user", "content": "1+1=?"}]
+    samples = [Sample(prompt, "2", 1), Sample(prompt, "a long and wrong reply", 5)]
+    reference = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    expected = []
+    for sample in samples:
+        text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": sample.reply}], tokenize=False)
+        with torch.no_grad():
+            expected.append(float(reference(**tokenizer(text, return_tensors="pt")).logits[0, 0]))
+    assert scorer.score(samples) == pytest.approx(expected, rel=1e-6)
+    assert expected[0] != expected[1]
+    total, means = Rewards({"model": 2.0}, 64, scorer)(samples)
+    torch.testing.assert_close(total, 2 * torch.tensor(expected, dtype=torch.float32))

@@ -152,15 +152,19 @@ def parse_reward_weights(spec: str) -> dict[str, float]:
 
 
 class RewardModel:
-    """A Hugging Face sequence-classification model (e.g. a reward model such as internlm2-1_8b-reward, or any
-    model with one output logit) that scores a conversation ending with the reply; its own tokenizer and chat
-    template render it. Loaded from a local folder, no network."""
+    """A reward model from a local Hugging Face folder (no network) that scores a conversation ending with the
+    reply: a sequence-classification model with one output logit (its own tokenizer and chat template render the
+    conversation), or a model whose remote code offers `get_score(tokenizer, conversation)` (the InternLM2 reward
+    models the MiniMind release uses load as AutoModel with that method)."""
 
     def __init__(self, path: str | Path, device: torch.device):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).to(device).eval()
+        auto_map = getattr(AutoConfig.from_pretrained(path, trust_remote_code=True), "auto_map", None) or {}
+        loader = AutoModel if "AutoModel" in auto_map and "AutoModelForSequenceClassification" not in auto_map \
+            else AutoModelForSequenceClassification
+        self.model = loader.from_pretrained(path, trust_remote_code=True).to(device).eval()
         self.device = device
 
     @torch.no_grad()
@@ -168,13 +172,17 @@ class RewardModel:
         scores = []
         for sample in samples:
             conversation = sample.messages + [{"role": "assistant", "content": sample.reply}]
-            if self.tokenizer.chat_template:
-                text = self.tokenizer.apply_chat_template(conversation, tokenize=False)
+            if hasattr(self.model, "get_score"):
+                scores.append(float(self.model.get_score(self.tokenizer, conversation)))
+            elif self.tokenizer.chat_template:
+                scores.append(self._logit(self.tokenizer.apply_chat_template(conversation, tokenize=False)))
             else:
-                text = "\n".join(f"{m['role']}: {m['content']}" for m in conversation)
-            ids = self.tokenizer(text, return_tensors="pt", truncation=True).to(self.device)
-            scores.append(float(self.model(**ids).logits[0, 0]))
+                scores.append(self._logit("\n".join(f"{m['role']}: {m['content']}" for m in conversation)))
         return scores
+
+    def _logit(self, text: str) -> float:
+        ids = self.tokenizer(text, return_tensors="pt", truncation=True).to(self.device)
+        return float(self.model(**ids).logits[0, 0])
 
 
 class Rewards:

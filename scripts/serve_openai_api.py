@@ -11,6 +11,12 @@ Run (model flags are the same as eval_model.py's):
 Then:
     python scripts/chat_openai_api.py --base_url http://127.0.0.1:8998/v1
 
+Tools follow OpenAI's API: `tools` (function schemas) are listed in the prompt by the chat template, and calls the
+model writes (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, model/tools.py) come back as
+`message.tool_calls` (streamed: `delta.tool_calls`) with finish_reason "tool_calls"; `tool_choice` "none", "auto",
+"required" or a named function (the last two make the reply start with the call). Results go back as
+`{"role": "tool", "tool_call_id", "content"}` messages.
+
 Generation runs on one background thread, never on the event loop, with continuous batching: concurrent
 requests share every decode step (up to --max_batch at once; a step costs little more for 8 rows than for 1), new
 requests join between steps and finished ones leave, while `/health` and new connections stay responsive.
@@ -25,6 +31,8 @@ import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
@@ -45,6 +53,7 @@ from model.inference import (  # noqa: E402
     chat_prompt,
 )
 from model.loading import add_model_args, load_model  # noqa: E402
+from model.tools import TOOL_CALL_OPEN, ToolCall, ToolCallStream, openai_tool_calls_to_template  # noqa: E402
 
 DEFAULT_MAX_TOKENS = 512  # when a request names no max_tokens; the context length bounds it as well
 DEFAULT_TEMPERATURE = DEFAULT_TOP_P = 0.85  # MiniMind's usual sampling, when a request leaves them out (or null)
@@ -64,16 +73,46 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: the calls it made (OpenAI's shape)
+    tool_call_id: str | None = None  # tool: the call this message is the result of
 
-    def as_plain(self) -> dict[str, str]:
-        """{"role", "content"} with list content joined and `developer` (OpenAI's new name) mapped to system."""
+    def for_template(self, index: int) -> dict[str, Any]:
+        """The message as the chat template takes it: list content joined, `developer` (OpenAI's new name) mapped to
+        system, an assistant's tool_calls in the template's shape. A tool message without its tool_call_id or
+        content, or a malformed call, is an APIError naming the field (`messages.2.tool_calls`); index is the
+        message's position in the request."""
+        where = f"messages.{index}"
+        if self.role == "tool":
+            for name in ("tool_call_id", "content"):
+                if getattr(self, name) is None:
+                    raise APIError(400, f"{where}.{name}: a tool message needs the tool_call_id of the call it answers "
+                                        "and the result as content", param=f"{where}.{name}")
         if isinstance(self.content, list):
             text = "".join(part.text for part in self.content)
         else:
             text = self.content or ""
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.role == "assistant" and self.tool_calls:
+            try:
+                message["tool_calls"] = openai_tool_calls_to_template(self.tool_calls)
+            except ValueError as exc:
+                raise APIError(400, f"{where}.{exc}", param=f"{where}.tool_calls") from None
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    """What the prompt lists of a function tool (other fields, such as `strict`, are dropped)."""
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class StreamOptions(BaseModel):
@@ -99,6 +138,8 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # the range torch.Generator.manual_seed accepts
     n: int | None = Field(1, ge=1, le=1)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Any = None  # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}
     # Not in OpenAI's API; clients pass them through `extra_body`.
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0.0)
@@ -110,6 +151,51 @@ class ChatCompletionRequest(BaseModel):
         if stops is not None and any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
         return stops or None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def tool_choice_shape(cls, value: Any) -> Any:
+        if value is None or value in ("none", "auto", "required"):
+            return value
+        function = value.get("function") if isinstance(value, dict) else None
+        if isinstance(function, dict) and value.get("type") == "function" and isinstance(function.get("name"), str):
+            return value
+        raise ValueError('must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+
+
+@dataclass
+class ToolPlan:
+    """How a request uses tools: the ones listed in the prompt, the text the reply is made to start with, and
+    whether calls are read out of the reply."""
+
+    tools: list[dict] | None = None
+    reply_prefix: str = ""
+    parse_calls: bool = False
+
+
+def tool_plan(req: ChatCompletionRequest, continuation: bool) -> ToolPlan:
+    """The request's tools and tool_choice as a ToolPlan; an APIError (400) if they do not fit together.
+
+    "none" (the default without tools): no tools in the prompt, the reply is plain content. "auto" (the default with
+    tools): the model may call. "required": the reply starts with "<tool_call>". A named function: the reply starts
+    with that call's opening, `<tool_call>{"name": "N", "arguments": `, so the model only writes the arguments."""
+    tools = [tool.model_dump(exclude_none=True) for tool in req.tools or []]
+    choice = req.tool_choice or ("auto" if tools else "none")
+    if choice == "none" or (choice == "auto" and not tools):
+        return ToolPlan()
+    if not tools:
+        raise APIError(400, f"tool_choice {json.dumps(choice)} needs tools", param="tool_choice")
+    if continuation:
+        raise APIError(400, "tools need a chat model; this server continues raw text (model_mode 0)", param="tools")
+    if choice == "auto":
+        return ToolPlan(tools, "", True)
+    if choice == "required":
+        return ToolPlan(tools, TOOL_CALL_OPEN, True)
+    name = choice["function"]["name"]
+    if name not in [tool["function"]["name"] for tool in tools]:
+        raise APIError(400, f"tool_choice names the function {name!r}, which is not in tools", param="tool_choice")
+    opening = TOOL_CALL_OPEN + '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
+    return ToolPlan(tools, opening, True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,11 +214,12 @@ class APIError(Exception):
 
 
 def validation_error(exc: ValidationError) -> APIError:
-    """422 naming the first offending field by its path in the body, e.g. `messages.0.role`."""
+    """400 (as OpenAI's API answers) naming the first offending field by its path in the body, e.g.
+    `messages.0.role`."""
     first = exc.errors()[0]
     param = ".".join(str(part) for part in first["loc"]) or None
     message = f"{param}: {first['msg']}" if param else first["msg"]
-    return APIError(422, message, param=param, code=first["type"])
+    return APIError(400, message, param=param, code=first["type"])
 
 
 def generation_failed(exc: Exception) -> APIError:
@@ -158,11 +245,14 @@ class GenerationWorker:
         """Requests accepted and not finished, reported by /health."""
         return self.batcher.active
 
-    async def stream(self, messages: list[dict[str, str]], *, max_new_tokens: int, stop: list[str] | None = None,
+    async def stream(self, messages: list[dict], *, max_new_tokens: int, stop: list[str] | None = None,
+                     tools: list[dict] | None = None, reply_prefix: str = "",
                      **sampling) -> AsyncIterator[str | GenerationResult]:
-        """Yield the reply's text deltas, then its GenerationResult. Closing this generator early (the client
-        went away) makes the request leave the batch before the next step."""
-        prompt = chat_prompt(self.tokenizer, messages, max_new_tokens, self.max_context, self.continuation)
+        """Yield the reply's text deltas, then its GenerationResult (`tools` are listed in the prompt, which ends
+        with reply_prefix: see chat_prompt). Closing this generator early (the client went away) makes the request
+        leave the batch before the next step."""
+        prompt = chat_prompt(self.tokenizer, messages, max_new_tokens, self.max_context, self.continuation, tools,
+                             reply_prefix)
         reply = ReplyText(self.tokenizer, len(prompt.ids), stop)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[int | Exception | None] = asyncio.Queue()
@@ -194,7 +284,7 @@ class GenerationWorker:
         finally:
             handle.cancel()  # nothing to do if it already finished
 
-    async def start(self, messages: list[dict[str, str]], **sampling) -> AsyncIterator[str | GenerationResult]:
+    async def start(self, messages: list[dict], **sampling) -> AsyncIterator[str | GenerationResult]:
         """stream(), once its first item is there: a request the model cannot take fails before any response is
         sent. stream_chat raises ValueError for those (a system message longer than the context): 400."""
         stream = self.stream(messages, **sampling)
@@ -277,7 +367,7 @@ def create_app(
             raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.", code="invalid_api_key")
 
     async def parse_request(request: Request) -> ChatCompletionRequest:
-        """Auth first, then JSON, then the schema, so each failure gets its own status (401, 400, 422)."""
+        """Auth first (401), then JSON, then the schema (400, with a code telling which)."""
         check_api_key(request)
         raw = await request.body()
         try:
@@ -304,6 +394,8 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await parse_request(request)
+        plan = tool_plan(req, model_mode == PRETRAIN_MODE)
+        messages = [message.for_template(i) for i, message in enumerate(req.messages)]
         sampling = dict(
             max_new_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
             temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
@@ -314,15 +406,16 @@ def create_app(
             stop=req.stop,
         )
         header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model or model_name}
-        stream = await worker.start([m.as_plain() for m in req.messages], **sampling)
+        stream = await worker.start(messages, tools=plan.tools, reply_prefix=plan.reply_prefix, **sampling)
+        parts = ReplyParts(reasoning, plan)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                sse_events(stream, header, ReplyRouter(reasoning), include_usage),
+                sse_events(stream, header, parts, include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await complete(stream, header, ReplyRouter(reasoning))
+        return await complete(stream, header, parts)
 
     return app
 
@@ -340,26 +433,78 @@ def reasoning_and_content(pieces: list[Piece]) -> tuple[str, str]:
     return tuple("".join(text for kind, text in pieces if kind == part) for part in ("think", "answer"))
 
 
-async def complete(stream: AsyncIterator[str | GenerationResult], header: dict, router: ReplyRouter) -> dict[str, Any]:
+class ReplyParts:
+    """A reply's text deltas as the API returns them: think pieces, answer pieces and tool calls, in reply order.
+    ReplyRouter splits off the think part; when the plan reads calls, ToolCallStream takes them out of the answer
+    (so a call's text is never sent as content), and the content is stripped at both ends as parse_tool_calls
+    strips it (the template writes "content\n<tool_call>..."). A reply_prefix the model was given is put back in
+    front."""
+
+    def __init__(self, reasoning: bool, plan: ToolPlan):
+        self.router = ReplyRouter(reasoning and not plan.reply_prefix)  # a forced call starts outside any think part
+        self.calls = ToolCallStream() if plan.parse_calls else None
+        self.prefix = plan.reply_prefix
+        self.content_started, self.held_space = False, ""
+
+    def feed(self, delta: str) -> list[Piece | ToolCall]:
+        delta, self.prefix = self.prefix + delta, ""
+        return self._take_calls(self.router.feed(delta))
+
+    def close(self) -> list[Piece | ToolCall]:
+        """What was held back, at the end of the reply (an unfinished call block is content)."""
+        parts = self.feed("") + self._take_calls(self.router.close())
+        return parts + [piece for text in (self.calls.close() if self.calls else []) for piece in self._content(text)]
+
+    def _take_calls(self, pieces: list[Piece]) -> list[Piece | ToolCall]:
+        if self.calls is None:
+            return pieces
+        parts: list[Piece | ToolCall] = []
+        for kind, text in pieces:
+            if kind == "think":
+                parts.append((kind, text))
+                continue
+            for item in self.calls.feed(text):
+                parts += [item] if isinstance(item, ToolCall) else self._content(item)
+        return parts
+
+    def _content(self, text: str) -> list[Piece]:
+        """Answer text without the content's leading whitespace; trailing whitespace is held until text follows."""
+        if not self.content_started:
+            text = text.lstrip()
+        body = text.rstrip()
+        if not body:
+            self.held_space += text
+            return []
+        self.content_started = True
+        piece, self.held_space = ("answer", self.held_space + body), text[len(body):]
+        return [piece]
+
+
+async def complete(stream: AsyncIterator[str | GenerationResult], header: dict, parts: ReplyParts) -> dict[str, Any]:
     """The whole `chat.completion` body, once generation is over."""
-    pieces: list[Piece] = []
+    routed: list[Piece | ToolCall] = []
     try:
         async for item in stream:
             if isinstance(item, GenerationResult):
                 result = item
-                pieces += router.close()
+                routed += parts.close()
             else:
-                pieces += router.feed(item)
+                routed += parts.feed(item)
     except Exception as exc:
         raise generation_failed(exc) from exc
-    reasoning, content = reasoning_and_content(pieces)
-    message = {"role": "assistant", "content": content}
-    if router.has_think:
+    calls = [part for part in routed if isinstance(part, ToolCall)]
+    reasoning, content = reasoning_and_content([part for part in routed if not isinstance(part, ToolCall)])
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if parts.router.has_think:
         message["reasoning_content"] = reasoning
+    if calls:
+        message["content"] = content or None
+        message["tool_calls"] = [call.to_openai() for call in calls]
+    finish_reason = "tool_calls" if calls else result.finish_reason
     return {
         **header,
         "object": "chat.completion",
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
         "usage": usage_of(result),
     }
 
@@ -371,31 +516,43 @@ def sse(payload: dict[str, Any] | str) -> str:
 
 
 async def sse_events(
-    stream: AsyncIterator[str | GenerationResult], header: dict, router: ReplyRouter, include_usage: bool
+    stream: AsyncIterator[str | GenerationResult], header: dict, parts: ReplyParts, include_usage: bool
 ) -> AsyncIterator[str]:
-    """`chat.completion.chunk` events: the role chunk, content / reasoning_content chunks (finish_reason null),
-    an empty-delta chunk carrying finish_reason, the usage chunk (`choices: []`) if asked for, then [DONE].
-    A failure mid-stream is sent as an {"error": ...} event, which ends the stream."""
+    """`chat.completion.chunk` events: the role chunk, content / reasoning_content / tool_calls chunks
+    (finish_reason null; each call whole in one chunk, at its `index`), an empty-delta chunk carrying finish_reason,
+    the usage chunk (`choices: []`) if asked for, then [DONE]. A failure mid-stream is sent as an {"error": ...}
+    event, which ends the stream."""
+    calls_sent = 0
 
-    def chunk(delta: dict[str, str], finish_reason: str | None = None) -> str:
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return sse({**header, "object": "chat.completion.chunk", "choices": [choice]})
 
-    def delta_chunks(pieces: list[Piece]) -> list[str]:
-        think, text = reasoning_and_content(pieces)
-        return ([chunk({"reasoning_content": think})] if think else []) + ([chunk({"content": text})] if text else [])
+    def delta_chunks(routed: list[Piece | ToolCall]) -> list[str]:
+        """One chunk per run of text of one kind, one per call."""
+        nonlocal calls_sent
+        events = []
+        for kind, run in groupby(routed, key=lambda part: "call" if isinstance(part, ToolCall) else part[0]):
+            if kind == "call":
+                for call in run:
+                    events.append(chunk({"tool_calls": [{"index": calls_sent, **call.to_openai()}]}))
+                    calls_sent += 1
+            else:
+                field = "reasoning_content" if kind == "think" else "content"
+                events.append(chunk({field: "".join(text for _, text in run)}))
+        return events
 
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for item in stream:
             if isinstance(item, GenerationResult):
-                for event in delta_chunks(router.close()):
+                for event in delta_chunks(parts.close()):
                     yield event
-                yield chunk({}, item.finish_reason)
+                yield chunk({}, "tool_calls" if calls_sent else item.finish_reason)
                 if include_usage:
                     yield sse({**header, "object": "chat.completion.chunk", "choices": [], "usage": usage_of(item)})
             else:
-                for event in delta_chunks(router.feed(item)):
+                for event in delta_chunks(parts.feed(item)):
                     yield event
     except Exception as exc:
         yield sse(generation_failed(exc).body())

@@ -1,7 +1,8 @@
 """The OpenAI-compatible server, checked with the official `openai` client against independent references.
 
 Replies are compared with `MiniMindLM.generate` on the chat-templated prompt (greedy), not with the server's own
-generation path; token counts with the tokenizer. Scripted logits (a forward hook forcing chosen tokens) give
+generation path; token counts with the tokenizer; prompts with tools with transformers' `apply_chat_template`;
+streamed tool calls with what the official client's ChatCompletionStreamState assembles. Scripted logits (a forward hook forcing chosen tokens) give
 exact replies where a random model cannot: eos, reasoning tags, failures, slow generation. Concurrency and
 /health-during-generation run against a real uvicorn on 127.0.0.1.
 """
@@ -24,13 +25,15 @@ import torch
 import uvicorn
 from fastapi.testclient import TestClient
 from openai import OpenAI
+from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from conftest import TINY, TINY_FLAGS
 from model import LMConfig, MiniMindLM
 from model.inference import ReplyRouter, split_reasoning
 from model.loading import add_model_args, load_model
+from model.tools import parse_tool_calls
 from scripts import chat_openai_api
-from scripts.serve_openai_api import create_app, reasoning_and_content
+from scripts.serve_openai_api import ReplyParts, ToolPlan, create_app, reasoning_and_content
 
 API_KEY = "sk-test"
 MODEL_FLAGS = [*TINY_FLAGS, "--device", "cpu", "--max_seq_len", "512"]
@@ -297,6 +300,233 @@ def test_reasoning_and_content_are_independent_of_how_the_text_is_cut():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Tools
+
+
+def function_tool(name: str, description: str, **properties: str) -> dict:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": {p: {"type": t} for p, t in properties.items()}, "required": list(properties)}}}
+
+
+TOOLS = [function_tool("get_weather", "The weather in a city", city="string"),
+         function_tool("calculator", "Evaluate an arithmetic expression", expression="string")]
+WEATHER_CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+CALCULATOR_CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "1+2"}}</tool_call>'
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def template_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None, reply_prefix: str = "") -> list[int]:
+    """The prompt transformers' apply_chat_template renders (generation prompt, then reply_prefix), as token ids."""
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    return encode(tokenizer, text + reply_prefix)
+
+
+def assembled_stream(client: OpenAI, **request):
+    """(choice, chunks) of a streamed completion, the choice as the official client's ChatCompletionStreamState
+    accumulates the chunks (its documented way to assemble `delta.tool_calls`; the snapshot, since its final
+    parse refuses finish_reason "length")."""
+    state = ChatCompletionStreamState()
+    chunks = list(client.chat.completions.create(stream=True, **request))
+    for chunk in chunks:
+        state.handle_chunk(chunk)
+    return state.current_completion_snapshot.choices[0], chunks
+
+
+def calls_of(message) -> list[tuple[str, str, dict]]:
+    """(type, name, parsed arguments) of each tool call of a client message (ids are random)."""
+    return [(c.type, c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+
+
+def test_tool_calls_non_streamed_and_streamed_through_the_official_client(tiny, client):
+    model, tokenizer = tiny
+    reply_text = f"Let me check.\n{WEATHER_CALL}\n{CALCULATOR_CALL}"
+    request = dict(model="m", messages=HELLO, tools=TOOLS, max_tokens=80)
+    with scripted_output(model, encode(tokenizer, reply_text)), captured_prompt(model) as prompts:
+        reply = client.chat.completions.create(**request)
+        streamed, chunks = assembled_stream(client, **request)
+    assert prompts == [template_ids(tokenizer, HELLO, TOOLS)] * 2  # the tool list, as the template renders it
+
+    message = reply.choices[0].message
+    expected = [("function", "get_weather", {"city": "Paris"}), ("function", "calculator", {"expression": "1+2"})]
+    assert calls_of(message) == calls_of(streamed.message) == expected
+    assert all(call.id.startswith("call_") for call in message.tool_calls + streamed.message.tool_calls)
+    assert len({call.id for call in message.tool_calls}) == 2
+    assert message.content == streamed.message.content == "Let me check."
+    assert reply.choices[0].finish_reason == streamed.finish_reason == "tool_calls"
+
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any("tool_call" in (d.content or "") for d in deltas)  # a call's text never goes out as content
+    call_deltas = [call for d in deltas for call in d.tool_calls or []]
+    assert [call.index for call in call_deltas] == [0, 1]
+
+
+def test_a_tool_round_trip_feeds_the_result_back(tiny, client):
+    """tools -> tool_calls -> the client's own assistant message and the tool results go back -> the final answer;
+    the second prompt is what transformers renders for that conversation."""
+    model, tokenizer = tiny
+    messages = [{"role": "user", "content": "Weather in Paris, and 1+2?"}]
+    with scripted_output(model, encode(tokenizer, f"{WEATHER_CALL}\n{CALCULATOR_CALL}")):
+        first = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, max_tokens=80)
+    assistant = first.choices[0].message
+    assert first.choices[0].finish_reason == "tool_calls" and assistant.content is None
+    weather, calculator = assistant.tool_calls
+    messages += [assistant.model_dump(),  # as the client returns it: content None, arguments a JSON string
+                 {"role": "tool", "tool_call_id": weather.id, "content": "18°C, sunny"},
+                 {"role": "tool", "tool_call_id": calculator.id, "content": [{"type": "text", "text": "3"}]}]
+    answer = "It is 18°C and sunny; 1+2 is 3."
+    with scripted_output(model, encode(tokenizer, answer)), captured_prompt(model) as prompts:
+        final = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, max_tokens=80)
+    assert final.choices[0].message.content == answer and final.choices[0].message.tool_calls is None
+    assert final.choices[0].finish_reason == "stop"
+
+    reference = [*messages[:-1], {**messages[-1], "content": "3"}]  # the template takes text content
+    assert prompts == [template_ids(tokenizer, reference, TOOLS)]
+    assert final.usage.prompt_tokens == len(prompts[0])
+    seen = tokenizer.decode(prompts[0])
+    assert (f"{WEATHER_CALL}\n{CALCULATOR_CALL}<|im_end|>\n"
+            "<|im_start|>user\n<tool_response>18°C, sunny</tool_response>\n<tool_response>3</tool_response>") in seen
+
+
+def test_tool_choice_none_lists_no_tools_and_reads_no_calls(tiny, client):
+    model, tokenizer = tiny
+    with scripted_output(model, encode(tokenizer, WEATHER_CALL)), captured_prompt(model) as prompts:
+        reply = client.chat.completions.create(model="m", messages=HELLO, tools=TOOLS, tool_choice="none",
+                                               max_tokens=40)
+    assert prompts == [template_ids(tokenizer, HELLO)] and reply.usage.prompt_tokens == len(prompts[0])
+    assert len(template_ids(tokenizer, HELLO, TOOLS)) > reply.usage.prompt_tokens
+    assert reply.choices[0].message.content == WEATHER_CALL and reply.choices[0].message.tool_calls is None
+    assert reply.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("tool_choice, reply_prefix, generated, expected", [
+    ({"type": "function", "function": {"name": "get_weather"}}, '<tool_call>{"name": "get_weather", "arguments": ',
+     '{"city": "Paris"}}</tool_call>', ("function", "get_weather", {"city": "Paris"})),
+    ("required", "<tool_call>", '{"name": "calculator", "arguments": {"expression": "1+2"}}</tool_call>',
+     ("function", "calculator", {"expression": "1+2"})),
+])
+def test_required_and_named_tool_choice_make_the_reply_start_with_a_call(tiny, client, tool_choice, reply_prefix,
+                                                                        generated, expected):
+    model, tokenizer = tiny
+    request = dict(model="m", messages=HELLO, tools=TOOLS, tool_choice=tool_choice, max_tokens=40)
+    with scripted_output(model, encode(tokenizer, generated)), captured_prompt(model) as prompts:
+        reply = client.chat.completions.create(**request)
+        streamed, _ = assembled_stream(client, **request)
+    assert prompts == [template_ids(tokenizer, HELLO, TOOLS, reply_prefix)] * 2  # the model only writes the rest
+    assert calls_of(reply.choices[0].message) == calls_of(streamed.message) == [expected]
+    assert reply.choices[0].message.content is None and not streamed.message.content
+    assert reply.choices[0].finish_reason == streamed.finish_reason == "tool_calls"
+    assert reply.usage.completion_tokens == len(encode(tokenizer, generated)) + 1
+
+
+def test_a_malformed_call_is_plain_content(tiny, client):
+    model, tokenizer = tiny
+    broken = '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>'
+    request = dict(model="m", messages=HELLO, tools=TOOLS, max_tokens=40)
+    with scripted_output(model, encode(tokenizer, broken)):
+        reply = client.chat.completions.create(**request)
+        streamed, _ = assembled_stream(client, **request)
+    for choice in (reply.choices[0], streamed):
+        assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == (broken, None, "stop")
+
+
+def test_reply_parts_equal_parse_tool_calls_however_the_text_is_cut():
+    """The streamed split (content pieces, calls) joins to what parse_tool_calls reads from the whole reply."""
+    replies = [f"  Sure.\n{WEATHER_CALL}\n{CALCULATOR_CALL}\n", f"a {WEATHER_CALL} b <tool_call>oops</tool_call> c ",
+               "<tool_call>unterminated", "no calls  \n", f"<tool_ca{WEATHER_CALL}<tool_call"]
+    for reply in replies:
+        content, calls = parse_tool_calls(reply)
+        expected = (content, [(c.name, c.arguments) for c in calls])
+        for prefix_length in (0, 5):
+            plan = ToolPlan(TOOLS, reply[:prefix_length], parse_calls=True)
+            for size in (1, 2, 7, len(reply)):
+                parts = ReplyParts(False, plan)
+                rest = reply[prefix_length:]
+                routed = [p for i in range(0, len(rest), size) for p in parts.feed(rest[i : i + size])] + parts.close()
+                text = "".join(p[1] for p in routed if isinstance(p, tuple))
+                assert (text, [(p.name, p.arguments) for p in routed if not isinstance(p, tuple)]) == expected
+
+
+def test_concurrent_requests_each_get_their_own_tools(tiny, live_server):
+    """Four streamed requests, each naming its own single tool, generated together: each prompt holds its own tool
+    list and call opening, and each reply equals the one it gets alone (greedy)."""
+    _, tokenizer = tiny
+    tools = [function_tool(f"tool_{i}", f"tool number {i}", x="integer") for i in range(4)]
+    requests = [dict(model="m", messages=[{"role": "user", "content": f"use tool {i}"}], tools=[tools[i]],
+                     tool_choice={"type": "function", "function": {"name": f"tool_{i}"}}, max_tokens=12, temperature=0,
+                     stream_options={"include_usage": True}) for i in range(4)]
+    client = OpenAI(base_url=f"{live_server}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    solo = [assembled_stream(client, **request)[0] for request in requests]
+    results: dict[int, tuple] = {}
+
+    def ask(i: int) -> None:
+        choice, chunks = assembled_stream(client, **requests[i])
+        usage = chunks[-1].usage
+        results[i] = (choice.message.content, calls_of(choice.message), choice.finish_reason, usage.prompt_tokens)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert not any(t.is_alive() for t in threads)
+    for i, choice in enumerate(solo):
+        prefix = f'<tool_call>{{"name": "tool_{i}", "arguments": '
+        prompt_tokens = len(template_ids(tokenizer, requests[i]["messages"], [tools[i]], prefix))
+        assert results[i] == (choice.message.content, calls_of(choice.message), choice.finish_reason, prompt_tokens)
+        assert choice.message.content.startswith(prefix)  # a random model writes no valid arguments: plain content
+
+
+def test_bad_tools_and_tool_messages_are_400_naming_the_field(http, client):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    asked = [{"role": "user", "content": "weather?"}]
+    def conversation(assistant: dict | None = None, tool: dict | None = None) -> list[dict]:
+        return [*asked, {"role": "assistant", "content": None, "tool_calls": [call], **(assistant or {})},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny", **(tool or {})}]
+
+    weather = TOOLS[0]["function"]
+    cases = [
+        ({"tools": "get_weather"}, "tools"),
+        ({"tools": [{"type": "function"}]}, "tools.0.function"),
+        ({"tools": [{"type": "retrieval", "function": weather}]}, "tools.0.type"),
+        ({"tools": [{"type": "function", "function": {**weather, "name": 3}}]}, "tools.0.function.name"),
+        ({"tools": [{"type": "function", "function": {**weather, "parameters": "x"}}]}, "tools.0.function.parameters"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"messages": conversation({"tool_calls": [{"type": "function"}]})}, "messages.1.tool_calls"),
+        ({"messages": conversation({"tool_calls": [{**call, "function": {"name": "f", "arguments": "{oops"}}]})},
+         "messages.1.tool_calls"),
+        ({"messages": conversation({"tool_calls": "get_weather"})}, "messages.1.tool_calls"),
+        ({"messages": conversation(tool={"tool_call_id": None})}, "messages.2.tool_call_id"),
+        ({"messages": conversation(tool={"content": None})}, "messages.2.content"),
+    ]
+    for body, param in cases:
+        response = http.post("/v1/chat/completions", json={"messages": asked, "max_tokens": 2, **body}, headers=auth)
+        assert response.status_code == 400, (body, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error", body
+        assert client.chat.completions.create(model="m", messages=conversation(), tools=TOOLS, max_tokens=2).usage
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="m", messages=HELLO, tools=TOOLS, max_tokens=2,
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert raised.value.param == "tool_choice" and "get_time" in raised.value.message
+
+
+def test_tools_need_a_chat_model(tiny):
+    model, tokenizer = tiny
+    http = TestClient(create_app(model, tokenizer, model_mode=0))
+    response = http.post("/v1/chat/completions", json={"messages": HELLO, "tools": TOOLS, "max_tokens": 2})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "tools"
+    plain = {"messages": HELLO, "tools": TOOLS, "tool_choice": "none", "max_tokens": 2}
+    assert http.post("/v1/chat/completions", json=plain).json()["choices"][0]["finish_reason"] == "length"
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Errors
 
 
@@ -306,11 +536,11 @@ def test_bad_requests_get_openai_style_errors_and_the_server_keeps_serving(http,
     cases = [
         (b'{"messages": [', auth, 400, None),
         (b"[1, 2]", auth, 400, None),
-        (json.dumps({"messages": []}).encode(), auth, 422, "messages"),
-        (json.dumps({"messages": user, "max_tokens": -5}).encode(), auth, 422, "max_tokens"),
-        (json.dumps({"messages": user, "temperature": 3.5}).encode(), auth, 422, "temperature"),
-        (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), auth, 422, "messages.0.role"),
-        (json.dumps({"messages": user, "stop": [""]}).encode(), auth, 422, "stop"),
+        (json.dumps({"messages": []}).encode(), auth, 400, "messages"),
+        (json.dumps({"messages": user, "max_tokens": -5}).encode(), auth, 400, "max_tokens"),
+        (json.dumps({"messages": user, "temperature": 3.5}).encode(), auth, 400, "temperature"),
+        (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), auth, 400, "messages.0.role"),
+        (json.dumps({"messages": user, "stop": [""]}).encode(), auth, 400, "stop"),
         (json.dumps({"messages": user}).encode(), {"Authorization": "Bearer wrong"}, 401, None),
         (json.dumps({"messages": user}).encode(), {}, 401, None),
         (b"{not json", {"Authorization": "Bearer wrong"}, 401, None),  # the key is checked first
@@ -324,7 +554,7 @@ def test_bad_requests_get_openai_style_errors_and_the_server_keeps_serving(http,
         assert client.chat.completions.create(model="m", messages=user, max_tokens=2).choices[0].finish_reason
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url="http://testserver/v1", api_key="wrong", http_client=http, max_retries=0).models.list()
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="m", messages=[], max_tokens=2)
     assert http.get("/nowhere").json()["error"]["code"] == "not_found"
     assert http.get("/health").json()["status"] == "ok"  # no key needed

@@ -13,12 +13,18 @@ Everything is generated here (nothing is downloaded), in MiniMind's jsonl format
 | `lora_identity.jsonl` | `{"conversations"}` | the assistant introduces itself with a new name, plus some world QA |
 | `dpo.jsonl` | `{"chosen", "rejected"}` | the right vs a wrong answer about the DPO split's entities |
 | `reason.jsonl` | `{"conversations"}` | multi-step arithmetic, worked in `<think>` and answered in `<answer>` |
-| `eval_*.jsonl` | | the held-out sets: QA (both splits), text in unseen phrasings, identity prompts, preference pairs, problems |
+| `tool_sft.jsonl` | `{"tools", "conversations"}` and replayed `sft.jsonl` lines | calls to a calculator (multi-digit arithmetic) and a lookup (world facts), chats that need no call, arithmetic asked without tools |
+| `tool_text.jsonl` | `{"text"}` | those tool chats as the chat template renders them, to train a tokenizer on (a chat's contents alone lack the schemas and calls) |
+| `tools.json`, `facts.json` | | the two tools' schemas (short: the model's context is small), and the lookup's table: every entity's facts |
+| `eval_*.jsonl` | | the held-out sets: QA (both splits), text in unseen phrasings, identity prompts, preference pairs, problems, tool prompts |
 | `world.json` | | the world itself: entities, their facts and which split each entity is in |
 
 Splits: every entity is in exactly one of `sft` (its QA chats are trained on), `dpo` (its facts appear only as
 pretraining text and in DPO pairs) and `heldout` (only ever seen as pretraining text). Accuracy on `heldout`
 questions therefore measures whether SFT taught the model to *answer from what it read*, not to repeat answers.
+Tool chats look up entities of the `sft` and `dpo` splits only; the held-out tool prompts ask about `heldout` ones, and
+their arithmetic problems are never trained on. The tool data draws from its own random stream, so every other file
+is the same as without it.
 Names are written with spaces around them in Chinese too, so a tokenizer trained on this data (with
 `--isolate_spaces 1`) gives each name one token in every language and position.
 """
@@ -36,6 +42,8 @@ import jinja2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/make_demo_data.py` from anywhere
 
 from model.checkpoint import atomic_write_text  # noqa: E402
+from model.tools import Tool, ToolCall, builtin_tools, calculate, function_schema, run_tool  # noqa: E402
+from scripts.train_tokenizer import CHAT_TEMPLATE  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # The world's vocabulary: attributes, their possible values and the sentences that state or ask them.
@@ -329,18 +337,176 @@ def problem_key(operands: list[int], operators: list[str]) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Tool use: a calculator for multi-digit arithmetic, a lookup over the world's facts, and chats that need neither.
+# Every call in the data is run with model/tools.py's own tools, so each result is what the tool returns.
+
+TOOL_SCHEMAS = [
+    function_schema("calculator", "Exact arithmetic", {"expression": ("string", "e.g. 12*34")}),
+    function_schema("lookup", "Facts about a person, animal or city", {"query": ("string", "a name")}),
+]
+TOOLS_FILE, FACTS_FILE = "tools.json", "facts.json"
+OPERATIONS = {"+": ("+", "plus", "加"), "-": ("-", "minus", "减"), "*": ("×", "times", "乘以")}  # shown, en, zh
+OPERATION_KINDS = {"+": "sum", "-": "difference", "*": "product"}
+ARITHMETIC_QUESTIONS = {
+    "en": ("What is {a} {op} {b}?", "Calculate {a} {op} {b}.", "How much is {a} {word} {b}?",
+           "Work out {a} {op} {b}, please."),
+    "zh": ("{a} {op} {b} 等于多少？", "计算 {a} {op} {b}。", "{a} {word} {b} 是多少？"),
+}
+ARITHMETIC_ANSWER = {"en": "{a} {op} {b} = {r}.", "zh": "{a} {op} {b} = {r}。"}
+# Held-out calculator problems per operator, and single-digit problems that need no call (the held-out prompts
+# also ask the held-out identity questions and every fact of the held-out entities)
+TOOL_HELDOUT = {"+": 100, "-": 50, "*": 50, "small": 40}
+
+Problem = tuple[int, str, int]  # (a, operator, b)
+
+
+def demo_tools(data_dir: Path) -> dict[str, Tool]:
+    """The demo's tools by name, as the data was made with them: the schemas of tools.json, run by the built-in
+    calculator and a lookup over facts.json."""
+    schemas = json.loads((data_dir / TOOLS_FILE).read_text(encoding="utf-8"))
+    runners = builtin_tools(data_dir / FACTS_FILE)
+    return {schema["function"]["name"]: Tool(schema, runners[schema["function"]["name"]].run) for schema in schemas}
+
+
+def facts_table(world: World) -> dict[str, dict[str, str]]:
+    """The lookup's table: every entity's facts by attribute, in English."""
+    return {e.name: {key: value_text(world.attributes[e.kind][key], value, "en") for key, value in e.facts.items()}
+            for e in world.entities}
+
+
+def calculator_problem(rng: random.Random, op: str) -> Problem:
+    """Operands for `op` ("small": a single-digit + or -): two 2-digit ones for + and -, 2 by 1 digits for *; a
+    difference never goes below 0."""
+    if op == "small":
+        op, a, b = rng.choice("+-"), rng.randint(1, 9), rng.randint(1, 9)
+    elif op == "*":
+        a, b = rng.randint(10, 99), rng.randint(2, 9)
+    else:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return (max(a, b), op, min(a, b)) if op == "-" else (a, op, b)
+
+
+def problem_text(problem: Problem) -> str:
+    """The calculator's expression, e.g. "4821+3967"."""
+    return "".join(map(str, problem))
+
+
+def distinct_problems(rng: random.Random, op: str, count: int) -> list[Problem]:
+    problems: list[Problem] = []
+    while len(problems) < count:
+        problem = calculator_problem(rng, op)
+        if problem not in problems:
+            problems.append(problem)
+    return problems
+
+
+def arithmetic_question(rng: random.Random, problem: Problem, language: str) -> str:
+    a, op, b = problem
+    shown, word_en, word_zh = OPERATIONS[op]
+    return rng.choice(ARITHMETIC_QUESTIONS[language]).format(a=a, op=shown, b=b, word=word_en if language == "en" else word_zh)
+
+
+def arithmetic_answer(problem: Problem, result: str, language: str) -> str:
+    a, op, b = problem
+    return ARITHMETIC_ANSWER[language].format(a=a, op=OPERATIONS[op][0], b=b, r=result)
+
+
+def called_chat(question: str, call: ToolCall, result: str, answer: str) -> list[dict]:
+    """The user asks, the assistant calls, the tool answers, the assistant answers from the result."""
+    return [{"role": "user", "content": question},
+            {"role": "assistant", "content": "",
+             "tool_calls": [{"type": "function", "function": {"name": call.name, "arguments": call.arguments}}]},
+            {"role": "tool", "content": result},
+            {"role": "assistant", "content": answer}]
+
+
+def calculator_chat(rng: random.Random, problem: Problem, language: str, tools: dict[str, Tool]) -> list[dict]:
+    call = ToolCall("calculator", {"expression": problem_text(problem)})
+    result = run_tool(call, tools)
+    return called_chat(arithmetic_question(rng, problem, language), call, result, arithmetic_answer(problem, result, language))
+
+
+def lookup_chat(rng: random.Random, entity: Entity, attribute: Attribute, value: int, tools: dict[str, Tool]) -> list[dict]:
+    """An English question about an entity, answered from its looked-up facts (the table is in English)."""
+    question, answer = (m["content"] for m in qa_messages(rng, entity, attribute, value, "en"))
+    call = ToolCall("lookup", {"query": entity.name})
+    return called_chat(question, call, run_tool(call, tools), answer)
+
+
+def direct_arithmetic_chat(rng: random.Random, problem: Problem, language: str) -> list[dict]:
+    """Arithmetic answered without a call: small problems with tools listed, or any when no tool is offered."""
+    return [{"role": "user", "content": arithmetic_question(rng, problem, language)},
+            {"role": "assistant", "content": arithmetic_answer(problem, calculate(problem_text(problem)), language)}]
+
+
+def tool_data(rng: random.Random, world: World, out_dir: Path, n_tool: int, replay: list[dict]) -> dict[str, list[dict]]:
+    """The tool set: training chats, mixed with `replay` (plain SFT lines), the same chats rendered as text, and
+    the held-out prompts (full reference chats). Writes tools.json and facts.json first: the lookup reads its file.
+
+    Training, per n_tool: n_tool calculator and n_tool lookup chats; n_tool / 4 chats with tools listed that need
+    no call (identity questions, single-digit arithmetic); n_tool / 8 multi-digit problems asked with no tool
+    offered, answered directly; n_tool / 2 replayed SFT lines."""
+    atomic_write_text(out_dir / TOOLS_FILE, json.dumps(TOOL_SCHEMAS, ensure_ascii=False, indent=1) + "\n")
+    atomic_write_text(out_dir / FACTS_FILE, json.dumps(facts_table(world), ensure_ascii=False, indent=1) + "\n")
+    tools = demo_tools(out_dir)
+    languages = ("en", "zh")
+    held_out = {op: distinct_problems(rng, op, count) for op, count in TOOL_HELDOUT.items()}
+    unseen = {problem for problems in held_out.values() for problem in problems}
+
+    def training_problem(op: str) -> Problem:
+        problem = calculator_problem(rng, op)
+        while problem in unseen:
+            problem = calculator_problem(rng, op)
+        return problem
+
+    trained_facts = list(world.facts(("sft", "dpo")))
+    identity = {lang: questions[:-IDENTITY_HELDOUT_PER_LANGUAGE] for lang, questions in IDENTITY_QUESTIONS.items()}
+    listed = [calculator_chat(rng, training_problem(rng.choice("+-*")), rng.choice(languages), tools) for _ in range(n_tool)]
+    listed += [lookup_chat(rng, *rng.choice(trained_facts), tools) for _ in range(n_tool)]
+    listed += [identity_messages(rng, BASE_NAME, lang, identity[lang]) for lang in languages for _ in range(n_tool // 16)]
+    listed += [direct_arithmetic_chat(rng, training_problem("small"), lang) for lang in languages for _ in range(n_tool // 16)]
+    chats = [{"tools": TOOL_SCHEMAS, "conversations": chat} for chat in listed]
+    chats += [{"conversations": direct_arithmetic_chat(rng, training_problem(rng.choice("+-*")), rng.choice(languages))}
+              for _ in range(n_tool // 8)]
+    text = [{"text": chat_as_text(chat["conversations"], chat.get("tools"))} for chat in chats]
+    train = chats + rng.sample(replay, min(n_tool // 2, len(replay)))
+    rng.shuffle(train)
+
+    def held_out_record(chat: list[dict], kind: str, answer: str | None, **extra) -> dict:
+        return {"tools": TOOL_SCHEMAS, "conversations": chat, "kind": kind, "answer": answer, **extra}
+
+    evaluation = [held_out_record(calculator_chat(rng, problem, lang, tools), OPERATION_KINDS[op], calculate(problem_text(problem)))
+                  for op in "+-*" for problem, lang in zip(held_out[op], languages * len(held_out[op]))]
+    evaluation += [held_out_record(lookup_chat(rng, e, a, v, tools), "lookup", value_text(a, v, "en"),
+                                   candidates=[value_text(a, i, "en") for i in range(len(a.values))])
+                   for e, a, v in world.facts(("heldout",))]
+    evaluation += [held_out_record(direct_arithmetic_chat(rng, problem, lang), "direct", calculate(problem_text(problem)))
+                   for problem, lang in zip(held_out["small"], languages * len(held_out["small"]))]
+    evaluation += [held_out_record([{"role": "user", "content": question},
+                                    {"role": "assistant", "content": IDENTITY_ANSWERS[BASE_NAME][lang]}], "direct", None)
+                   for lang, questions in IDENTITY_QUESTIONS.items() for question in questions[-IDENTITY_HELDOUT_PER_LANGUAGE:]]
+    return {"tool_sft.jsonl": train, "tool_text.jsonl": text, "eval_tools.jsonl": evaluation}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The files
 
 
-CHATML = jinja2.Environment().from_string(
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-)
+def _raise(message: str) -> None:
+    raise ValueError(message)
 
 
-def chat_as_text(messages: list[dict]) -> str:
-    """A chat rendered in ChatML, the format of the tokenizer's chat template (scripts/train_tokenizer.py), so a
-    QA chat inside the pretraining text reads exactly as it will in SFT and at inference."""
-    return CHATML.render(messages=messages)
+# The tokenizer's chat template, in a Jinja environment set up as transformers sets up its own
+TEMPLATE_ENV = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+TEMPLATE_ENV.filters["tojson"] = lambda value: json.dumps(value, ensure_ascii=False)
+TEMPLATE_ENV.globals["raise_exception"] = _raise
+CHAT = TEMPLATE_ENV.from_string(CHAT_TEMPLATE)
+
+
+def chat_as_text(messages: list[dict], tools: list[dict] | None = None) -> str:
+    """A chat (listing `tools` if given) rendered by the tokenizer's chat template (scripts/train_tokenizer.py),
+    so a chat inside the pretraining or tokenizer text reads exactly as it will in SFT and at inference."""
+    return CHAT.render(messages=messages, tools=tools, add_generation_prompt=False)
 
 
 def pack(rng: random.Random, pieces: list[str], per_line: int) -> list[str]:
@@ -378,7 +544,8 @@ def biographies(rng: random.Random, world: World, per_entity: int, false_facts: 
 
 
 def generate(out_dir: Path, seed: int, n_people: int, n_animals: int, n_cities: int, mentions: int,
-             qa_per_fact: int, n_reason: int, n_identity: int, n_dpo_per_fact: int, n_distill: int) -> dict[str, int]:
+             qa_per_fact: int, n_reason: int, n_identity: int, n_dpo_per_fact: int, n_distill: int,
+             n_tool: int) -> dict[str, int]:
     """Write every file of the demo into out_dir; returns the number of lines of each."""
     rng = random.Random(seed)
     world = build_world(rng, n_people, n_animals, n_cities)
@@ -461,6 +628,8 @@ def generate(out_dir: Path, seed: int, n_people: int, n_animals: int, n_cities: 
         "eval_reason.jsonl": eval_reason,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Tool use, from a random stream of its own: the files above are the same with or without it
+    files.update(tool_data(random.Random(f"tools-{seed}"), world, out_dir, n_tool, sft))
     for name, rows in files.items():
         write_jsonl(out_dir / name, rows)
     world_json = {
@@ -517,13 +686,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n_identity", type=int, default=100, help="identity chats per language (SFT and LoRA)")
     parser.add_argument("--dpo_per_fact", type=int, default=2, help="preference pairs per DPO-split fact and language")
     parser.add_argument("--n_distill", type=int, default=600, help="SFT lines sampled for distillation")
+    parser.add_argument("--n_tool", type=int, default=1200, help="calculator chats, and as many lookup chats, to train on")
     args = parser.parse_args(argv)
     for name in ("n_people", "n_animals", "n_cities", "mentions", "qa_per_fact", "n_reason", "n_identity", "dpo_per_fact",
-                 "n_distill"):
-        if getattr(args, name) < (2 if name == "n_cities" else 1):
+                 "n_distill", "n_tool"):
+        if getattr(args, name) < {"n_cities": 2, "n_tool": 16}.get(name, 1):
             parser.error(f"--{name} is too small: {getattr(args, name)}")
     counts = generate(Path(args.out_dir), args.seed, args.n_people, args.n_animals, args.n_cities, args.mentions,
-                      args.qa_per_fact, args.n_reason, args.n_identity, args.dpo_per_fact, args.n_distill)
+                      args.qa_per_fact, args.n_reason, args.n_identity, args.dpo_per_fact, args.n_distill, args.n_tool)
     print(f"wrote {args.out_dir}: " + ", ".join(f"{name} {count:,}" for name, count in counts.items()))
     return counts
 

@@ -10,10 +10,11 @@ from transformers import AutoTokenizer
 
 from conftest import TOKENIZER_DIR, jsonl_lines
 from model.dataset import DPODataset, PretrainDataset, SFTDataset
+from model.tools import ToolCall, run_tool
 from scripts import make_demo_data
 
 SMALL = ["--n_people", "20", "--n_animals", "8", "--n_cities", "4", "--mentions", "6", "--qa_per_fact", "2",
-         "--n_reason", "300", "--n_identity", "10", "--dpo_per_fact", "1", "--n_distill", "50"]
+         "--n_reason", "300", "--n_identity", "10", "--dpo_per_fact", "1", "--n_distill", "50", "--n_tool", "48"]
 STEP = re.compile(r"(\d+)([+-])(\d+)=(\d+)")
 
 
@@ -52,11 +53,12 @@ def test_deterministic_for_a_seed_and_different_across_seeds(demo, tmp_path):
 
 def test_every_file_loads_with_its_stage_dataset(demo):
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    for name in ("pretrain", "eval_text", "eval_text_false"):
+    for name in ("pretrain", "eval_text", "eval_text_false", "tool_text"):
         dataset = PretrainDataset(demo / f"{name}.jsonl", tokenizer, max_length=128)
         assert len(dataset) > 0 and all(dataset[i][2].sum() > 0 for i in range(len(dataset)))
-    for name in ("sft", "lora_identity", "distill", "reason", "eval_qa", "eval_reason"):
-        dataset = SFTDataset(demo / f"{name}.jsonl", tokenizer, max_length=128)
+    for name in ("sft", "lora_identity", "distill", "reason", "eval_qa", "eval_reason", "tool_sft", "eval_tools"):
+        # a tool chat lists the tools first: ~400 tokens of the shipped tokenizer
+        dataset = SFTDataset(demo / f"{name}.jsonl", tokenizer, max_length=512 if "tool" in name else 128)
         assert len(dataset) > 0 and all(dataset[i][2].sum() > 0 for i in range(len(dataset))), name
     for name in ("dpo", "eval_dpo"):
         dataset = DPODataset(demo / f"{name}.jsonl", tokenizer, max_length=128)
@@ -184,3 +186,118 @@ def test_held_out_text_and_its_false_twin_differ_only_in_facts(demo):
             for _, i1, i2, j1, j2 in changed:
                 for segment in ("".join(true_tokens[i1:i2]), "".join(false_tokens[j1:j2])):
                     assert not segment or any(segment in value for value in values), (segment, true_sentence)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tool use
+
+
+def tool_chats(demo) -> list[dict]:
+    """The tool set's training chats: the lines of tool_sft.jsonl that do not replay an SFT line."""
+    sft = set(jsonl_lines(demo / "sft.jsonl"))
+    return [json.loads(line) for line in jsonl_lines(demo / "tool_sft.jsonl") if line not in sft]
+
+
+def called(record: dict) -> ToolCall | None:
+    calls = record["conversations"][1].get("tool_calls")
+    assert calls is None or len(calls) == 1
+    return ToolCall(calls[0]["function"]["name"], calls[0]["function"]["arguments"]) if calls else None
+
+
+ARITHMETIC = re.compile(r"(\d+) (?:([+×-])|plus|minus|times|加|减|乘以) (\d+)")
+
+
+def asked_problem(question: str) -> tuple[int, str, int]:
+    match = ARITHMETIC.search(question)
+    words = {"plus": "+", "minus": "-", "times": "*", "加": "+", "减": "-", "乘以": "*", "+": "+", "-": "-", "×": "*"}
+    operator = words[match.group(2) or match.group(0).split(" ")[1]]
+    return int(match.group(1)), operator, int(match.group(3))
+
+
+def test_every_tool_call_runs_to_the_answer_given(demo):
+    """Each call is the one its question asks for, runs with the demo's tools to the result in the chat, and the
+    final answer gives that result; chats that need no call are identity questions and single-digit arithmetic."""
+    tools = make_demo_data.demo_tools(demo)
+    assert json.loads((demo / "tools.json").read_text(encoding="utf-8")) == make_demo_data.TOOL_SCHEMAS
+    assert [tool.schema for tool in tools.values()] == make_demo_data.TOOL_SCHEMAS
+    facts = json.loads((demo / "facts.json").read_text(encoding="utf-8"))
+    assert facts == {e["name"]: {k: v["en"] for k, v in e["facts"].items()} for e in world(demo)["entities"]}
+    records = tool_chats(demo) + rows(demo / "eval_tools.jsonl")
+    kinds = Counter()
+    for record in records:
+        messages, call = record["conversations"], called(record)
+        question, answer = messages[0]["content"], messages[-1]["content"]
+        if call is None:
+            assert len(messages) == 2
+            if ARITHMETIC.search(question):  # direct arithmetic: small ones with tools listed, any without
+                a, op, b = asked_problem(question)
+                assert ("tools" not in record or a < 10 and b < 10) and int(re.findall(r"\d+", answer)[-1]) == {
+                    "+": a + b, "-": a - b, "*": a * b}[op]
+                kinds["direct arithmetic" if "tools" in record else "no tools offered"] += 1
+            else:
+                assert answer == make_demo_data.IDENTITY_ANSWERS[make_demo_data.BASE_NAME][
+                    "zh" if re.search(r"[\u4e00-\u9fff]", question) else "en"]
+                kinds["identity"] += 1
+            continue
+        assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"] and "tools" in record
+        result = messages[2]["content"]
+        assert run_tool(call, tools) == result
+        if call.name == "calculator":
+            a, op, b = asked_problem(question)
+            assert call.arguments == {"expression": f"{a}{op}{b}"}
+            assert result == str({"+": a + b, "-": a - b, "*": a * b}[op]) and re.findall(r"\d+", answer)[-1] == result
+            assert a >= 10 and (b >= 10 or op == "*")  # multi-digit: what a small model cannot do in its head
+        else:
+            name = call.arguments["query"]
+            assert call.name == "lookup" and name in question and json.loads(result) == {name: facts[name]}
+            assert len(values_in(answer, facts[name].values())) == 1 and name in answer
+        kinds[call.name] += 1
+    assert min(kinds.values()) > 0 and len(kinds) == 5, kinds
+    for record in rows(demo / "eval_tools.jsonl"):
+        if record["answer"] is not None:
+            final = record["conversations"][-1]["content"]
+            assert (mentions(final, record["answer"]) if record["kind"] == "lookup"
+                    else re.findall(r"\d+", final)[-1] == record["answer"])
+
+
+def values_in(text: str, values) -> set[str]:
+    return {value for value in values if mentions(text, value)}
+
+
+def test_tool_text_is_the_tool_chats_as_the_chat_template_renders_them(demo):
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    rendered = [tokenizer.apply_chat_template(r["conversations"], tools=r.get("tools"), tokenize=False)
+                for r in tool_chats(demo)]
+    assert sorted(rendered) == sorted(r["text"] for r in rows(demo / "tool_text.jsonl"))
+    assert len(rendered) < len(rows(demo / "tool_sft.jsonl"))  # the rest replays SFT lines
+
+
+def test_held_out_tool_prompts_are_unseen_in_tool_training(demo):
+    entities = world(demo)["entities"]
+    split_of = {e["name"]: e["split"] for e in entities}
+    train, held_out = tool_chats(demo), rows(demo / "eval_tools.jsonl")
+    kinds = Counter(r["kind"] for r in held_out)
+    heldout_facts = sum(len(e["facts"]) for e in entities if e["split"] == "heldout")
+    assert kinds == {"sum": 100, "difference": 50, "product": 50, "lookup": heldout_facts,
+                     "direct": 40 + 2 * make_demo_data.IDENTITY_HELDOUT_PER_LANGUAGE}
+    looked_up = {kind: {called(r).arguments["query"] for r in records if called(r) and called(r).name == "lookup"}
+                 for kind, records in (("train", train), ("held_out", held_out))}
+    assert {split_of[name] for name in looked_up["train"]} == {"sft", "dpo"}
+    assert looked_up["held_out"] == {e["name"] for e in entities if e["split"] == "heldout"}
+
+    def problems(records: list[dict]) -> set[tuple]:
+        return {asked_problem(r["conversations"][0]["content"]) for r in records
+                if ARITHMETIC.search(r["conversations"][0]["content"])}
+
+    assert len(problems(held_out)) == 240 and not problems(held_out) & problems(train)
+    questions = lambda records: {r["conversations"][0]["content"] for r in records if called(r) is None}  # noqa: E731
+    assert not questions(held_out) & questions(train)
+
+
+def test_tool_data_leaves_every_other_file_unchanged(demo, tmp_path):
+    fewer = [arg if arg != "48" else "16" for arg in SMALL]
+    make_demo_data.main(["--out_dir", str(tmp_path), "--seed", "3", *fewer])
+    assert len(rows(tmp_path / "tool_sft.jsonl")) < len(rows(demo / "tool_sft.jsonl"))
+    for path in sorted(demo.iterdir()):
+        if "tool" not in path.name:
+            assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name

@@ -168,6 +168,16 @@ def live_server(tiny):
     sock.close()
 
 
+def run_concurrently(ask, count: int, timeout: float = 90) -> None:
+    """ask(0), ..., ask(count - 1), each in its own thread, all at once; every one must finish within timeout."""
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    assert not any(thread.is_alive() for thread in threads)
+
+
 def collect_stream(client: OpenAI, **request) -> tuple[list, str, str]:
     """(all chunks, joined content, joined reasoning_content) of a streamed completion."""
     chunks = list(client.chat.completions.create(stream=True, **request))
@@ -466,12 +476,7 @@ def test_concurrent_requests_each_get_their_own_tools(tiny, live_server):
         usage = chunks[-1].usage
         results[i] = (choice.message.content, calls_of(choice.message), choice.finish_reason, usage.prompt_tokens)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=90)
-    assert not any(t.is_alive() for t in threads)
+    run_concurrently(ask, 4)
     for i, choice in enumerate(solo):
         prefix = f'<tool_call>{{"name": "tool_{i}", "arguments": '
         prompt_tokens = len(template_ids(tokenizer, requests[i]["messages"], [tools[i]], prefix))
@@ -624,12 +629,7 @@ def test_eight_concurrent_streams_equal_their_solo_runs(tiny, live_server):
                                             stream_options={"include_usage": True})
         results[i] = (content, chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=90)
-    assert not any(t.is_alive() for t in threads)
+    run_concurrently(ask, 8)
     assert results == {i: (text, p, c) for i, (text, p, c, _) in enumerate(solo)}
 
 

@@ -29,7 +29,7 @@ from model.tools import ToolCall, builtin_tools
 from scripts.web_demo import StreamedReply
 from conftest import TINY_FLAGS
 from test_eval_model import scripted_replies
-from test_serve_openai_api import THOUGHT, greedy_reference, load_tiny, scripted_output, write_tiny_checkpoint
+from test_serve_openai_api import THOUGHT, greedy_reference, load_tiny, write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB_DEMO = ROOT / "scripts" / "web_demo.py"
@@ -191,26 +191,10 @@ def test_delete_and_clear_buttons(app):
     assert app.session_state["messages"] == [] and len(app.chat_message) == 0
 
 
-def test_reasoning_checkpoint_shows_its_thoughts_in_an_expander(out_dir, monkeypatch):
-    real_load_model = model.loading.load_model
-    hooks = []
-
-    def load_scripted(args):  # the demo's own loader, with the reply forced to a reasoning transcript
-        tiny_model, tokenizer = real_load_model(args)
-        hooks.append(scripted_output(tiny_model, tokenizer.encode(THOUGHT, add_special_tokens=False)))
-        hooks[-1].__enter__()
-        return tiny_model, tokenizer
-
-    monkeypatch.setattr(model.loading, "load_model", load_scripted)
-    monkeypatch.setenv("MINIMIND_WEB_ARGS", f"--out_dir {out_dir} {TINY_WEB_FLAGS}")
-    st.cache_resource.clear()
-    at = AppTest.from_file(str(WEB_DEMO), default_timeout=60)
-    at.run()
+def test_reasoning_checkpoint_shows_its_thoughts_in_an_expander(scripted_app):
+    at, _ = scripted_app([THOUGHT], TINY_WEB_FLAGS)  # the reply forced to a reasoning transcript
     at.selectbox(key="model").select_index(1).run()
     send(at, "why?")
-    for hook in hooks:
-        hook.__exit__(None, None, None)
-    st.cache_resource.clear()
     reply = at.chat_message[1]
     assert reply.expander[0].label == "💭 Thinking"
     assert reply.expander[0].markdown[0].value == "let me think"

@@ -138,6 +138,18 @@ class ToolCallStream:
             call = call_from_json(block[len(TOOL_CALL_OPEN):-len(TOOL_CALL_CLOSE)])
             out.append(call if call is not None else block)
 
+    def split(self, pieces: list[tuple[str, str]]) -> list[tuple[str, str] | ToolCall]:
+        """A reply's routed pieces (ReplyRouter's ("think" | "answer", text)) with the calls taken out of the answer:
+        think pieces pass unchanged (a call in a thought is not made), answer text comes back as ("answer", text)
+        pieces and ToolCall items, in reply order."""
+        out: list[tuple[str, str] | ToolCall] = []
+        for kind, text in pieces:
+            if kind == "think":
+                out.append((kind, text))
+                continue
+            out += [item if isinstance(item, ToolCall) else ("answer", item) for item in self.feed(text)]
+        return out
+
     def close(self) -> list[str | ToolCall]:
         """What is held at the end of the reply (an unterminated block is text)."""
         rest, self.pending = self.pending, ""

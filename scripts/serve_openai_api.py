@@ -459,12 +459,8 @@ class ReplyParts:
         if self.calls is None:
             return pieces
         parts: list[Piece | ToolCall] = []
-        for kind, text in pieces:
-            if kind == "think":
-                parts.append((kind, text))
-                continue
-            for item in self.calls.feed(text):
-                parts += [item] if isinstance(item, ToolCall) else self._content(item)
+        for part in self.calls.split(pieces):
+            parts += [part] if isinstance(part, ToolCall) or part[0] == "think" else self._content(part[1])
         return parts
 
     def _content(self, text: str) -> list[Piece]:

@@ -165,12 +165,8 @@ class StreamedReply:
     @staticmethod
     def _split_calls(pieces: list[tuple[str, str]],
                      splitter: ToolCallStream | None) -> Iterator[tuple[str, str | ToolCall]]:
-        for kind, text in pieces:
-            if kind == "think" or splitter is None:
-                yield kind, text
-                continue
-            for item in splitter.feed(text):
-                yield ("call", item) if isinstance(item, ToolCall) else ("answer", item)
+        for part in splitter.split(pieces) if splitter else pieces:
+            yield ("call", part) if isinstance(part, ToolCall) else part
 
     def starts_with_thinking(self) -> bool:
         return self.upcoming is not None and self.upcoming[0] == "think"

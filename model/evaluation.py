@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from .dataset import DPOCollator, PadCollator
 from .inference import build_prompt
 from .model import MiniMindLM
+from .tools import Tool, ToolRound, take_turn
 from .trainer import sequence_log_probs
 
 
@@ -27,15 +28,15 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def generate_replies(model: MiniMindLM, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]],
-                     max_new_tokens: int = 64, batch_size: int = 64) -> list[str]:
-    """The greedy reply to each conversation (rendered with the chat template and a generation prompt), without
-    its end-of-turn token. Prompts are left-padded into batches; each row's positions count its real tokens only,
-    so a reply is the same as when generated alone."""
+                     max_new_tokens: int = 64, batch_size: int = 64, tools: list[dict] | None = None) -> list[str]:
+    """The greedy reply to each conversation (rendered with the chat template and a generation prompt, listing
+    `tools` if given), without its end-of-turn token. Prompts are left-padded into batches; each row's positions
+    count its real tokens only, so a reply is the same as when generated alone."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or 0
     prompt_budget = model.config.max_seq_len - max_new_tokens
     replies: list[str] = []
     for start in range(0, len(conversations), batch_size):
-        prompts = [build_prompt(tokenizer, messages, prompt_budget) for messages in conversations[start:start + batch_size]]
+        prompts = [build_prompt(tokenizer, messages, prompt_budget, tools=tools) for messages in conversations[start:start + batch_size]]
         longest = max(len(prompt) for prompt in prompts)
         input_ids = torch.full((len(prompts), longest), pad, dtype=torch.long)  # (B, T)
         attention_mask = torch.zeros(len(prompts), longest, dtype=torch.long)  # (B, T)
@@ -49,6 +50,25 @@ def generate_replies(model: MiniMindLM, tokenizer: PreTrainedTokenizerBase, conv
             end = row.index(eos) if eos in row else len(row)
             replies.append(tokenizer.decode(row[:end], skip_special_tokens=True))
     return replies
+
+
+def replies_with_tools(model: MiniMindLM, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]],
+                       tools: dict[str, Tool], max_new_tokens: int = 64, max_rounds: int = 3) -> list[list[ToolRound]]:
+    """The tool loop of model/tools.py run on many conversations at once: each round, every conversation still
+    going gets its greedy reply (with the tools listed), its calls are run and fed back; a conversation ends with a
+    reply without calls, or after max_rounds replies. Returns each conversation's rounds (the last one is its
+    answer); the conversations are extended in place."""
+    schemas = [tool.schema for tool in tools.values()]
+    rounds: list[list[ToolRound]] = [[] for _ in conversations]
+    going = list(range(len(conversations)))
+    for round_index in range(max_rounds):
+        replies = generate_replies(model, tokenizer, [conversations[i] for i in going], max_new_tokens, tools=schemas)
+        for i, reply in zip(going, replies):
+            rounds[i].append(take_turn(conversations[i], reply, tools, run_calls=round_index < max_rounds - 1))
+        going = [i for i in going if rounds[i][-1].calls]
+        if not going:
+            break
+    return rounds
 
 
 @torch.inference_mode()

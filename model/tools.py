@@ -303,14 +303,22 @@ def tool_conversation(reply: Callable[[list[dict]], str], messages: list[dict], 
     appended to `messages` (in place), and the round is yielded; the loop ends with a reply without calls, or
     after max_rounds replies (the last one's calls are then not run)."""
     for round_index in range(max_rounds):
-        content, calls = parse_tool_calls(reply(messages))
-        if not calls or round_index == max_rounds - 1:
-            messages.append({"role": "assistant", "content": content})
-            yield ToolRound(content, [], [])
+        turn = take_turn(messages, reply(messages), tools, run_calls=round_index < max_rounds - 1)
+        yield turn
+        if not turn.calls:
             return
-        results = [run_tool(call, tools) for call in calls]
-        messages.append({"role": "assistant", "content": content,
-                         "tool_calls": [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                        for c in calls]})
-        messages.extend({"role": "tool", "content": result} for result in results)
-        yield ToolRound(content, calls, results)
+
+
+def take_turn(messages: list[dict], reply: str, tools: dict[str, Tool], run_calls: bool = True) -> ToolRound:
+    """One round of the loop: the assistant's reply text is parsed, its calls run (unless run_calls is False, or it
+    made none: then it is the final answer), and the assistant turn and the results are appended to `messages`."""
+    content, calls = parse_tool_calls(reply)
+    if not calls or not run_calls:
+        messages.append({"role": "assistant", "content": content})
+        return ToolRound(content, [], [])
+    results = [run_tool(call, tools) for call in calls]
+    messages.append({"role": "assistant", "content": content,
+                     "tool_calls": [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                    for c in calls]})
+    messages.extend({"role": "tool", "content": result} for result in results)
+    return ToolRound(content, calls, results)

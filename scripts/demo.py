@@ -1,7 +1,7 @@
 """The bundled demo: every MiniMind training stage, run through the real scripts on a made-up world small enough to
 learn on a laptop CPU in minutes, and each stage measured on data it never trained on.
 
-    python scripts/demo.py                  # all stages (~6 min of training on 2 CPU cores), then the results table
+    python scripts/demo.py                  # all stages (~19 min of training on 2 CPU cores), then the results table
     python scripts/demo.py --seed 2         # another world and another initialisation
     python scripts/demo.py --fresh          # retrain every stage (by default finished stages are reused)
     python scripts/demo.py --quick          # a shortened run with a tiny world (for tests; the figures mean little)
@@ -15,6 +15,7 @@ Stages, each a command a user could type (printed as it starts):
     dpo         train_dpo.py                  right over wrong answers about other entities
     distill     train_distillation.py (x2)    a half-depth student from the SFT model's blocks, with it as teacher and without
     reason      train_distill_reason.py       multi-step arithmetic, thinking in <think> before the <answer>
+    tools       train_full_sft.py             the SFT model fine-tuned to call a calculator and a lookup tool
 Then it prints one table and a few sample chats, and writes out/demo/results.json and images/demo_loss.png.
 
 What it teaches: a small model answers questions about facts it only *read* (the held-out entities) when the
@@ -47,16 +48,21 @@ from model.checkpoint import atomic_write_text  # noqa: E402
 from model.dataset import DPODataset, PretrainDataset, SFTDataset  # noqa: E402
 from model.loading import load_into_model  # noqa: E402
 from model.common import select_device  # noqa: E402
-from model.evaluation import generate_replies, mean_loss, preference_log_probs  # noqa: E402
+from model.evaluation import generate_replies, mean_loss, preference_log_probs, replies_with_tools  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
 from model.model import MiniMindLM  # noqa: E402
 from model.model_lora import attach_lora_file, lora_path  # noqa: E402
+from model.tools import ToolRound  # noqa: E402
 from model.train_log import format_duration, read_metrics  # noqa: E402
+from scripts.make_demo_data import demo_tools  # noqa: E402
 
 # The demo model and the distillation student: as wide, half as deep (it starts from the teacher's blocks 0 and 2)
 MODEL = {"dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2}
 STUDENT = {**MODEL, "n_layers": 2}
 MAX_SEQ_LEN = 128
+TOOL_SEQ_LEN = 384  # a tool chat lists both tools' schemas in its system turn: ~280 tokens
+TOOL_REPLY_TOKENS = 48  # a call or an answer
+TOOL_BATCH_SIZE = 16  # copying the question's numbers and names into a call is learned late and abruptly: ~1,000 steps
 BATCH_SIZE = 8  # small batches, many steps: what a model this size needs most
 LOG_POINTS = 25  # log lines (loss-curve points) per training run
 DPO_BETA = 0.1
@@ -65,7 +71,7 @@ WELL_FORMED = re.compile(r"<think>\n(.+?)\n</think>\n<answer>\n(.+?)\n</answer>"
 
 # Typical seconds per stage of the full demo on 2 CPU cores (measured; the ETA scales them by this machine's speed)
 SECONDS_FULL = {"data": 3, "tokenizer": 4, "pretrain": 185, "sft": 75, "lora": 13, "dpo": 10, "distill": 42,
-                "reason": 63}
+                "reason": 63, "tools": 530}
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class Plan:
     dpo_epochs: int
     distill_epochs: int
     reason_epochs: int
+    tools_epochs: int
     max_steps: int  # 0: no cap; the quick plan caps every run
     seconds: dict[str, float]  # typical seconds per stage on 2 CPU cores, for the ETA
 
@@ -85,14 +92,17 @@ class Plan:
 FULL = Plan(
     world=("--n_people", "160", "--n_animals", "48", "--n_cities", "12", "--mentions", "180", "--qa_per_fact", "6",
            "--n_reason", "12000", "--n_identity", "100", "--dpo_per_fact", "2", "--n_distill", "600"),
-    pretrain_epochs=1, sft_epochs=1, lora_epochs=4, dpo_epochs=1, distill_epochs=4, reason_epochs=1, max_steps=0,
+    pretrain_epochs=1, sft_epochs=1, lora_epochs=4, dpo_epochs=1, distill_epochs=4, reason_epochs=1, tools_epochs=7,
+    max_steps=0,
     seconds=SECONDS_FULL,
 )
 QUICK = Plan(
     world=("--n_people", "16", "--n_animals", "6", "--n_cities", "4", "--mentions", "12", "--qa_per_fact", "2",
-           "--n_reason", "200", "--n_identity", "16", "--dpo_per_fact", "1", "--n_distill", "100"),
-    pretrain_epochs=1, sft_epochs=1, lora_epochs=1, dpo_epochs=1, distill_epochs=1, reason_epochs=1, max_steps=30,
-    seconds={"data": 2, "tokenizer": 4, "pretrain": 8, "sft": 7, "lora": 6, "dpo": 7, "distill": 14, "reason": 7},
+           "--n_reason", "200", "--n_identity", "16", "--dpo_per_fact", "1", "--n_distill", "100", "--n_tool", "32"),
+    pretrain_epochs=1, sft_epochs=1, lora_epochs=1, dpo_epochs=1, distill_epochs=1, reason_epochs=1, tools_epochs=1,
+    max_steps=30,
+    seconds={"data": 2, "tokenizer": 4, "pretrain": 8, "sft": 7, "lora": 6, "dpo": 7, "distill": 14, "reason": 7,
+             "tools": 10},
 )
 
 
@@ -117,15 +127,16 @@ def count_lines(path: Path) -> int:
         return sum(1 for line in handle if line.strip())
 
 
-def training_flags(args: argparse.Namespace, out_dir: Path, data_file: Path, epochs: int, max_steps: int) -> list[str]:
+def training_flags(args: argparse.Namespace, out_dir: Path, data_file: Path, epochs: int, max_steps: int,
+                   max_seq_len: int = MAX_SEQ_LEN, batch_size: int = BATCH_SIZE) -> list[str]:
     """The flags every training run of the demo shares, with a log interval giving ~LOG_POINTS curve points.
     (Before the data stage has run the step count is unknown; the flags are built again once it has.)"""
-    steps = count_lines(data_file) // BATCH_SIZE * epochs if data_file.exists() else 0
+    steps = count_lines(data_file) // batch_size * epochs if data_file.exists() else 0
     if max_steps:
         steps = min(steps, max_steps)
     return [
         "--out_dir", str(out_dir), "--tokenizer_path", str(args.out_dir / "tokenizer"),
-        "--data_path", str(data_file), "--max_seq_len", str(MAX_SEQ_LEN), "--batch_size", str(BATCH_SIZE),
+        "--data_path", str(data_file), "--max_seq_len", str(max_seq_len), "--batch_size", str(batch_size),
         "--accumulation_steps", "1", "--epochs", str(epochs), "--max_steps", str(max_steps), "--num_workers", "0",
         "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed), "--save_interval", "1000000",
         "--log_interval", str(max(1, steps // LOG_POINTS)),
@@ -158,8 +169,8 @@ def build_stages(args: argparse.Namespace, plan: Plan) -> list[Stage]:
                                                     "--seed", str(args.seed), *plan.world]], [data / "world.json"]),
         Stage("tokenizer", "train a BPE tokenizer on the demo text",
               [["scripts/train_tokenizer.py", "--data_path", *(str(data / f) for f in
-                ("pretrain.jsonl", "sft.jsonl", "lora_identity.jsonl", "reason.jsonl")),
-                "--vocab_size", "2048", "--isolate_spaces", "1", "--out_dir", str(out / "tokenizer")]],
+                ("pretrain.jsonl", "sft.jsonl", "lora_identity.jsonl", "reason.jsonl", "tool_text.jsonl")),
+                "--vocab_size", "2048", "--isolate_spaces", "1", "--split_digits", "1", "--out_dir", str(out / "tokenizer")]],
               [out / "tokenizer" / "tokenizer.json"]),
         Stage("pretrain", "pretrain from random init on the biographies",
               [train("train_pretrain.py", "pretrain.jsonl", plan.pretrain_epochs, "--learning_rate", "2e-3",
@@ -180,6 +191,11 @@ def build_stages(args: argparse.Namespace, plan: Plan) -> list[Stage]:
         Stage("reason", "learn to think before answering (multi-step arithmetic)",
               [train("train_distill_reason.py", "reason.jsonl", plan.reason_epochs, "--learning_rate", "2e-3",
                      "--warmup_iters", "20")], [out / f"reason{suffix}.pth"]),
+        Stage("tools", "fine-tune the SFT model to call tools (a calculator, a lookup over the world's facts)",
+              [["train_full_sft.py", *model, *training_flags(args, out / "tools", data / "tool_sft.jsonl",
+                                                              plan.tools_epochs, plan.max_steps, TOOL_SEQ_LEN, TOOL_BATCH_SIZE),
+                "--from_weight", str(out / f"full_sft{suffix}.pth"), "--learning_rate", "2e-3", "--warmup_iters", "20"]],
+              [out / "tools" / f"full_sft{suffix}.pth"]),
     ]
 
 
@@ -297,8 +313,8 @@ class Evaluator:
             self._tokenizer = AutoTokenizer.from_pretrained(self.args.out_dir / "tokenizer")
         return self._tokenizer
 
-    def load(self, weights: Path, shape: dict = MODEL, lora: Path | None = None) -> MiniMindLM:
-        config = LMConfig(**shape, vocab_size=len(self.tokenizer), max_seq_len=256)
+    def load(self, weights: Path, shape: dict = MODEL, lora: Path | None = None, context: int = 256) -> MiniMindLM:
+        config = LMConfig(**shape, vocab_size=len(self.tokenizer), max_seq_len=context)
         model = MiniMindLM(config)
         load_into_model(model, weights, "run the demo stage that writes it")
         if lora is not None:
@@ -420,6 +436,18 @@ class Evaluator:
         print(f"    -> well-formed think/answer {after['well_formed']:.1%} (before {before['well_formed']:.1%}), "
               f"answers right {after['accuracy']:.1%} (before {before['accuracy']:.1%})", flush=True)
 
+    def after_tools(self) -> None:
+        records = read_jsonl(self.data / "eval_tools.jsonl")
+        tools = demo_tools(self.data)
+        context = TOOL_SEQ_LEN + TOOL_REPLY_TOKENS * 2
+        before = self.tool_scores(self.load(self.weights("full_sft"), context=context), records, tools)
+        after = self.tool_scores(self.load(self.args.out_dir / "tools" / f"full_sft_{MODEL['dim']}.pth", context=context),
+                                 records, tools, keep_samples=True)
+        self.results["tools"] = {"before": before, "after": after}
+        print(f"    -> right call on {after['call_prompts']} held-out prompts: {before['right_call']:.1%} -> "
+              f"{after['right_call']:.1%}; unseen sums right {after['with_tools']['sum']:.1%} with the calculator, "
+              f"{after['without_tools']['sum']:.1%} without", flush=True)
+
     # -- measures --------------------------------------------------------------------------------------------
 
     def qa_accuracy(self, model: MiniMindLM, keep_samples: bool = False) -> dict:
@@ -457,13 +485,71 @@ class Evaluator:
         return {"well_formed": sum(bool(m) for m in formed) / len(problems), "accuracy": sum(right) / len(problems)}
 
 
+    def tool_scores(self, model: MiniMindLM, records: list[dict], tools: dict, keep_samples: bool = False) -> dict:
+        scores, rounds = tool_scores(model, self.tokenizer, records, tools)
+        if keep_samples:
+            for kind in ("sum", "lookup"):
+                record, turns = next((r, t) for r, t in zip(records, rounds) if r["kind"] == kind)
+                self.samples.append({"stage": f"tools (unseen {'problem' if kind == 'sum' else 'entity'})",
+                                     "user": record["conversations"][0]["content"], "assistant": tool_transcript(turns),
+                                     "expected": record["answer"]})
+        return scores
+
+
+def tool_scores(model: MiniMindLM, tokenizer: PreTrainedTokenizerBase, records: list[dict],
+                tools: dict) -> tuple[dict, list[list[ToolRound]]]:
+    """Each held-out tool prompt (eval_tools.jsonl) asked with the tools listed (the calls the first reply makes
+    are run and fed back, and the next reply is the answer) and asked with no tools. right_call: the first reply
+    makes exactly the reference call (right_tool: one call, to the reference's tool); no_call: no call where none is
+    needed; with_tools / without_tools: the answer is right, by kind of question. Also returns each prompt's
+    rounds."""
+    questions = [record["conversations"][:1] for record in records]
+    rounds = replies_with_tools(model, tokenizer, [list(q) for q in questions], tools,
+                                max_new_tokens=TOOL_REPLY_TOKENS, max_rounds=2)
+    plain = generate_replies(model, tokenizer, questions, max_new_tokens=TOOL_REPLY_TOKENS)
+    right_call, right_tool, no_call = [], [], []
+    by_kind: dict[str, dict[str, list[bool]]] = {}
+    for record, turns, plain_reply in zip(records, rounds, plain):
+        made = turns[0].calls
+        if record["kind"] == "direct":
+            no_call.append(not made)
+            continue
+        expected = record["conversations"][1]["tool_calls"][0]["function"]
+        right_tool.append(len(made) == 1 and made[0].name == expected["name"])
+        right_call.append(right_tool[-1] and made[0].arguments == expected["arguments"])
+        kind = by_kind.setdefault(record["kind"], {"with_tools": [], "without_tools": []})
+        kind["with_tools"].append(answered(turns[-1].content, record))
+        kind["without_tools"].append(answered(plain_reply, record))
+    scores = {"call_prompts": len(right_call), "right_call": sum(right_call) / len(right_call),
+              "right_tool": sum(right_tool) / len(right_tool),
+              "no_call_prompts": len(no_call), "no_call": sum(no_call) / max(1, len(no_call)),
+              **{column: {kind: sum(s[column]) / len(s[column]) for kind, s in by_kind.items()}
+                 for column in ("with_tools", "without_tools")}}
+    return scores, rounds
+
+
+def answered(reply: str, record: dict) -> bool:
+    """A lookup's answer names the right value and no other candidate; an arithmetic answer's last number is the
+    result ("63 + 43 = 106.")."""
+    if record["kind"] == "lookup":
+        return values_named(reply, record["candidates"]) == {record["answer"]}
+    numbers = re.findall(r"-?\d+", reply)
+    return bool(numbers) and numbers[-1] == record["answer"]
+
+
+def tool_transcript(turns: list[ToolRound]) -> str:
+    """A conversation's rounds in one line: each call with its result, then the answer."""
+    return " ".join([f"{call.to_text()} -> {result}" for turn in turns for call, result in zip(turn.calls, turn.results)]
+                    + [turns[-1].content])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Report: table, samples, results.json, loss curves
 
 
 def print_table(results: dict, stages: dict[str, dict]) -> None:
     r = results
-    sft, lora, dpo, dist, reason = r["sft"], r["lora"], r["dpo"], r["distill"], r["reason"]
+    sft, lora, dpo, dist, reason, tools = r["sft"], r["lora"], r["dpo"], r["distill"], r["reason"], r["tools"]
     rows = [
         ("data", f"{r['world']['entities']} entities, {r['world']['facts']} facts; split into "
                  + ", ".join(f"{k} {v}" for k, v in r["world"]["splits"].items())),
@@ -487,6 +573,11 @@ def print_table(results: dict, stages: dict[str, dict]) -> None:
         ("reason", f"unseen problems: well-formed {reason['before']['well_formed']:.0%} -> "
                    f"{reason['after']['well_formed']:.1%}, right {reason['before']['accuracy']:.0%} -> "
                    f"{reason['after']['accuracy']:.1%}"),
+        ("tools", f"{tools['after']['call_prompts']} unseen prompts: right tool {tools['before']['right_tool']:.0%} -> "
+                  f"{tools['after']['right_tool']:.1%}, right call {tools['before']['right_call']:.0%} -> "
+                  f"{tools['after']['right_call']:.1%}; unseen sums right {tools['after']['with_tools']['sum']:.1%} "
+                  f"with the calculator vs {tools['after']['without_tools']['sum']:.1%} without; no call on "
+                  f"{tools['after']['no_call']:.0%} of {tools['after']['no_call_prompts']} that need none"),
     ]
     width = max(len(text) for _, text in rows)
     print("\n" + "=" * (width + 22))
@@ -529,8 +620,11 @@ def plot_losses(args: argparse.Namespace, results: dict, path: Path) -> None:
         ("distill: the students' cross-entropy", {f"{run.replace('_', ' ')}": out / "distill" / run / f"full_dist_{STUDENT['dim']}_metrics.jsonl"
                                for run in ("with_teacher", "without_teacher")}),
         ("reason", {"": out / f"reason_{dim}_metrics.jsonl"}),
+        ("tools", {"": out / "tools" / f"full_sft_{dim}_metrics.jsonl"}),
     ]
-    figure, axes = plt.subplots(2, 3, figsize=(13, 7))
+    figure, axes = plt.subplots(2, 4, figsize=(17, 7))
+    for axis in axes.flat[len(panels):]:
+        axis.set_visible(False)
     for axis, (title, runs) in zip(axes.flat, panels):
         for label, metrics_file in runs.items():
             rows = read_metrics(metrics_file)

@@ -341,7 +341,7 @@ def problem_key(operands: list[int], operators: list[str]) -> tuple:
 # Every call in the data is run with model/tools.py's own tools, so each result is what the tool returns.
 
 TOOL_SCHEMAS = [
-    function_schema("calculator", "Exact arithmetic", {"expression": ("string", "e.g. 12*34")}),
+    function_schema("calculator", "Exact arithmetic", {"expression": ("string", "e.g. 12 * 34")}),
     function_schema("lookup", "Facts about a person, animal or city", {"query": ("string", "a name")}),
 ]
 TOOLS_FILE, FACTS_FILE = "tools.json", "facts.json"
@@ -387,8 +387,8 @@ def calculator_problem(rng: random.Random, op: str) -> Problem:
 
 
 def problem_text(problem: Problem) -> str:
-    """The calculator's expression, e.g. "4821+3967"."""
-    return "".join(map(str, problem))
+    """The calculator's expression, spaced as the question shows it, e.g. "48 + 39": the call copies the question."""
+    return " ".join(map(str, problem))
 
 
 def distinct_problems(rng: random.Random, op: str, count: int) -> list[Problem]:

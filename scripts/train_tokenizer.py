@@ -150,23 +150,26 @@ def iter_texts(data_paths: Sequence[str | Path], field: str = "auto", max_chars:
                         return
 
 
-def build_bpe_tokenizer(texts: Iterator[str], vocab_size: int, isolate_spaces: bool = False) -> Tokenizer:
+def build_bpe_tokenizer(texts: Iterator[str], vocab_size: int, isolate_spaces: bool = False,
+                        split_digits: bool = False) -> Tokenizer:
     """Train a byte-level BPE whose ids 0..10 are RESERVED_TOKENS; the tags are marked non-special.
 
     isolate_spaces: every space becomes a token of its own, so a word is the same token at the start of a text,
     after a space or beside Chinese characters (GPT-2's rule glues a leading space to the word: "Kalo" and " Kalo"
     differ). That costs about one token per English word; it helps a very small model tie every mention of a
-    name together (the bundled demo uses it)."""
+    name together (the bundled demo uses it).
+    split_digits: every digit is a token of its own (as LLaMA's tokenizer does), so a number is written the same
+    way wherever it appears ("4821" is never "48"+"21" in one place and "482"+"1" in another) and copying or
+    computing it goes digit by digit."""
     minimum = len(RESERVED_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size <= minimum:
         raise ConfigError(f"--vocab_size must exceed {minimum} ({len(RESERVED_TOKENS)} reserved tokens + 256 byte "
                           f"symbols), got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
+    splits = [pre_tokenizers.Split(" ", behavior="isolated")] if isolate_spaces else []
+    splits += [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    if isolate_spaces:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="isolated"), byte_level])
-    else:
-        tokenizer.pre_tokenizer = byte_level
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level]) if splits else byte_level
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -190,9 +193,10 @@ def train_tokenizer(
     max_chars: int | None = None,
     model_max_length: int = 32768,
     isolate_spaces: bool = False,
+    split_digits: bool = False,
 ) -> PreTrainedTokenizerFast:
     """Train on `data_paths`, save the Hugging Face files to `out_dir`, and return the tokenizer reloaded from disk."""
-    bpe = build_bpe_tokenizer(iter_texts(data_paths, field, max_chars), vocab_size, isolate_spaces)
+    bpe = build_bpe_tokenizer(iter_texts(data_paths, field, max_chars), vocab_size, isolate_spaces, split_digits)
     hf_tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=BOS_TOKEN,
@@ -248,6 +252,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model_max_length", type=int, default=32768, help="model_max_length in tokenizer_config.json")
     parser.add_argument("--isolate_spaces", type=int, choices=(0, 1), default=0,
                         help="1: every space is a token of its own, so a word has one token with or without a space before it")
+    parser.add_argument("--split_digits", type=int, choices=(0, 1), default=0,
+                        help="1: every digit is a token of its own, so a number is tokenized the same way everywhere")
     parser.add_argument("--out_dir", default="model/minimind_tokenizer", help="where the Hugging Face files go")
     return parser.parse_args(argv)
 
@@ -255,7 +261,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
     args = parse_args(argv)
     tokenizer = train_tokenizer(args.data_path, args.out_dir, args.vocab_size, args.field, args.max_chars,
-                                args.model_max_length, bool(args.isolate_spaces))
+                                args.model_max_length, bool(args.isolate_spaces), bool(args.split_digits))
     reached = len(tokenizer)
     print(f"saved tokenizer with vocab {reached} to {args.out_dir}")
     if reached < args.vocab_size:

@@ -15,7 +15,7 @@ FIGURES = {
             "preference_accuracy_before", "preference_accuracy_after", "log_prob_margin_before",
             "log_prob_margin_after", "heldout_qa_accuracy_after"],
 }
-STAGES = ["data", "tokenizer", "pretrain", "sft", "lora", "dpo", "distill", "reason"]
+STAGES = ["data", "tokenizer", "pretrain", "sft", "lora", "dpo", "distill", "reason", "tools"]
 
 
 def test_values_named_matches_whole_values_only():
@@ -25,6 +25,16 @@ def test_values_named_matches_whole_values_only():
     assert demo.values_named("Kalo 爱吃 草。", ["草", "蜂蜜"]) == {"草"}
     assert demo.values_named("Kalo lies by the sea, not by a river.", ["by the sea", "by a river", "in a forest"]) == {
         "by the sea", "by a river"}
+
+
+def test_answered_reads_the_last_number_or_the_named_value():
+    sum_record = {"kind": "sum", "answer": "106"}
+    assert demo.answered("63 + 43 = 106.", sum_record)
+    assert not demo.answered("63 + 43 = 107.", sum_record) and not demo.answered("106 is 63 + 43", sum_record)
+    assert not demo.answered("no idea", sum_record) and not demo.answered("63 + 43 = 1060.", sum_record)
+    lookup = {"kind": "lookup", "answer": "Pelmora", "candidates": ["Pelmora", "Yarpel"]}
+    assert demo.answered("Kalo lives in Pelmora.", lookup)
+    assert not demo.answered("Kalo lives in Pelmora or Yarpel.", lookup) and not demo.answered("Kalo lives.", lookup)
 
 
 def finite_numbers(value) -> list[float]:
@@ -66,11 +76,18 @@ def test_quick_demo_runs_every_stage_and_reports_every_figure(tmp_path):
     assert saved["distill"]["with_teacher"]["parameters"] < saved["distill"]["teacher"]["parameters"]
     for when in ("before", "after"):
         assert {"well_formed", "accuracy"} <= set(saved["reason"][when])
+    tools = saved["tools"]
+    records = [json.loads(line) for line in (data / "eval_tools.jsonl").read_text(encoding="utf-8").splitlines()]
+    for when in ("before", "after"):
+        assert tools[when]["call_prompts"] == sum(r["kind"] != "direct" for r in records)
+        assert tools[when]["no_call_prompts"] == sum(r["kind"] == "direct" for r in records)
+        assert 0 <= tools[when]["right_call"] <= tools[when]["right_tool"] <= 1
+        assert set(tools[when]["with_tools"]) == set(tools[when]["without_tools"]) == {"sum", "difference", "product", "lookup"}
     assert (out / "demo_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # A second run reuses every finished stage and measures the same checkpoints to the same figures
     again = demo.main(argv)
     assert all(entry["reused"] for entry in again["stages"].values())
     assert again["train_seconds_total"] == pytest.approx(saved["train_seconds_total"])
-    for key in ("heldout_qa_accuracy", "seen_qa_accuracy", "pretrain", "dpo", "distill", "reason"):
+    for key in ("heldout_qa_accuracy", "seen_qa_accuracy", "pretrain", "dpo", "distill", "reason", "tools"):
         assert again[key] == saved[key], key

@@ -244,7 +244,7 @@ def test_every_tool_call_runs_to_the_answer_given(demo):
         assert run_tool(call, tools) == result
         if call.name == "calculator":
             a, op, b = asked_problem(question)
-            assert call.arguments == {"expression": f"{a}{op}{b}"}
+            assert call.arguments == {"expression": f"{a} {op} {b}"}  # spaced as the question shows it
             assert result == str({"+": a + b, "-": a - b, "*": a * b}[op]) and re.findall(r"\d+", answer)[-1] == result
             assert a >= 10 and (b >= 10 or op == "*")  # multi-digit: what a small model cannot do in its head
         else:

@@ -183,3 +183,19 @@ def test_isolated_spaces_give_a_word_one_token_wherever_it_stands(tmp_path):
     assert isolated.decode(isolated.encode(text, add_special_tokens=False)) == text
     for token, expected in EXPECTED_IDS.items():
         assert isolated.encode(token, add_special_tokens=False) == [expected]
+
+
+def test_split_digits_gives_every_digit_a_token_of_its_own(tmp_path):
+    lines = [f"{a} + {b} = {a + b}. Room 4821, year 2024, 4821 again." for a in range(40, 90) for b in range(10, 30)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines), encoding="utf-8")
+    split = train_tokenizer.main(["--data_path", str(corpus), "--vocab_size", "600", "--isolate_spaces", "1",
+                                  "--split_digits", "1", "--out_dir", str(tmp_path / "split")])
+    merged = train_tokenizer.main(["--data_path", str(corpus), "--vocab_size", "600", "--isolate_spaces", "1",
+                                   "--out_dir", str(tmp_path / "merged")])
+    for number in ("4821", "2024", "63", "107"):
+        assert split.convert_ids_to_tokens(split.encode(number, add_special_tokens=False)) == list(number)
+    assert len(merged.encode("4821", add_special_tokens=False)) < 4  # without the flag BPE merges frequent digits
+    text = "63 + 43 = 106 <tool_call>{\"expression\": \"12 * 34\"}</tool_call>"
+    ids = split.encode(text, add_special_tokens=False)
+    assert split.decode(ids) == text and split.convert_tokens_to_ids("<tool_call>") in ids

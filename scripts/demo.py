@@ -69,9 +69,10 @@ DPO_BETA = 0.1
 WELL_FORMED = re.compile(r"<think>\n(.+?)\n</think>\n<answer>\n(.+?)\n</answer>", re.S)
 
 
-# Typical seconds per stage of the full demo on 2 CPU cores (measured; the ETA scales them by this machine's speed)
+# Typical seconds per stage of the full demo on 2 CPU cores (measured on an Intel Xeon, the tools stage on an AMD
+# EPYC, which ran the other stages ~1.25x slower; the ETA scales them by this machine's speed)
 SECONDS_FULL = {"data": 3, "tokenizer": 4, "pretrain": 185, "sft": 75, "lora": 13, "dpo": 10, "distill": 42,
-                "reason": 63, "tools": 530}
+                "reason": 63, "tools": 672}
 
 
 @dataclass(frozen=True)
@@ -483,7 +484,6 @@ class Evaluator:
                 self.samples.append({"stage": "reason (unseen problem)", "user": p["conversations"][0]["content"],
                                      "assistant": reply, "expected": str(p["answer"])})
         return {"well_formed": sum(bool(m) for m in formed) / len(problems), "accuracy": sum(right) / len(problems)}
-
 
     def tool_scores(self, model: MiniMindLM, records: list[dict], tools: dict, keep_samples: bool = False) -> dict:
         scores, rounds = tool_scores(model, self.tokenizer, records, tools)

@@ -387,7 +387,8 @@ def calculator_problem(rng: random.Random, op: str) -> Problem:
 
 
 def problem_text(problem: Problem) -> str:
-    """The calculator's expression, spaced as the question shows it, e.g. "48 + 39": the call copies the question."""
+    """The calculator's expression, spaced as the question writes the problem, e.g. "48 + 39" (the question may say
+    "plus" or "×" where the expression has "+" or "*")."""
     return " ".join(map(str, problem))
 
 

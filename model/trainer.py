@@ -372,6 +372,9 @@ class Trainer:
         logger = self._make_logger(final_step) if ctx.is_main else None
         if logger is not None:
             self.wandb_run_id = logger.wandb_run_id
+            precision = "float32" if settings.dtype == "float32" else f"{settings.dtype} autocast"
+            logger.print(f"{final_step - self.step:,} optimizer steps of {self.samples_per_step:,} samples, "
+                         f"{precision} on {ctx.device}")
         peak = peak_flops(ctx.device)
         throughput = Throughput(self.step, peak * ctx.world_size if peak else None)
         backend.model.train()

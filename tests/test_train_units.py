@@ -116,9 +116,10 @@ def tiny_dataset(n: int, length: int, seed: int = 0) -> list[tuple[torch.Tensor,
 
 
 @pytest.mark.parametrize("dtype_name, expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)])
-def test_training_loop_runs_the_model_in_the_requested_dtype(tmp_path, dtype_name, expected):
-    """The loop itself (not just the helper) computes the forward in the --dtype asked for; the weights stay
-    float32 masters and float16 goes through the GradScaler. (Settings built directly, without the parser.)"""
+def test_training_loop_runs_the_model_in_the_requested_dtype(tmp_path, capsys, dtype_name, expected):
+    """The loop itself (not just the helper) computes the forward in the --dtype asked for, and says so when it
+    starts; the weights stay float32 masters and float16 goes through the GradScaler. (Settings built directly,
+    without the parser.)"""
     settings = TrainSettings(dtype=dtype_name, batch_size=2, accumulation_steps=2, max_steps=3, log_interval=1,
                              save_dtype=dtype_name)
     seen_dtypes = []
@@ -135,6 +136,8 @@ def test_training_loop_runs_the_model_in_the_requested_dtype(tmp_path, dtype_nam
                       weights_file=tmp_path / "t.pth")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.fit()
+    precision = "float32" if dtype_name == "float32" else f"{dtype_name} autocast"
+    assert f"3 optimizer steps of 4 samples, {precision} on cpu" in capsys.readouterr().out
     assert seen_dtypes == [expected] * 6  # 3 steps x 2 micro-batches
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

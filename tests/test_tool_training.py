@@ -6,8 +6,12 @@ prompts: sums and rooms it never saw.
 Each tool is asked for in one phrasing and every number has a fixed number of digits, so the arguments stand at
 fixed distances from the call. Even so, copying them is learned late and abruptly (the loss leaves a plateau
 between steps 500 and 700), and reliably only with ~3,000 steps and a decaying learning rate: with 1,500 steps at a
-constant one, 1% and 71% of the calls were right in two runs; with this schedule, 100% (sums right 97% with the
-calculator, 5% without; 10 minutes on a 2-core AMD EPYC). Copying from varied phrasings, as in the demo's data, needs
+constant one, 1% and 71% of the calls were right in two runs; with this schedule, 100% (sums right 100% with the
+calculator, 3% without; the resident named right for 39 of 40 unseen rooms; 6.5 minutes on a 2-core AMD EPYC).
+About half the steps (7 epochs at batch 16 or 8, or 8 at twice the learning rate) left 81% of the calls right, or all
+calls right but only 14-30% of the sums. The tokenizer keeps each space with the word after it (--isolate_spaces 0):
+chats are ~20% shorter than with spaces as tokens of their own, and a name copied from a lookup's JSON result came
+out right for 0% of the rooms with isolated spaces. Copying from varied phrasings, as in the demo's data, needs
 an induction circuit, which formed after 700-1,400 steps in some of our runs and not at all in others."""
 import json
 import random
@@ -91,7 +95,7 @@ def test_a_tiny_model_trained_on_generated_tool_chats_makes_the_right_calls(tmp_
     text_file = write_jsonl([json.dumps({"text": make_demo_data.chat_as_text(r["conversations"], r.get("tools"))})
                              for r in train], tmp_path / "tool_text.jsonl")
     tokenizer_dir, out = tmp_path / "tokenizer", tmp_path / "out"
-    train_tokenizer.main(["--data_path", str(text_file), "--vocab_size", "1024", "--isolate_spaces", "1",
+    train_tokenizer.main(["--data_path", str(text_file), "--vocab_size", "1024", "--isolate_spaces", "0",
                           "--split_digits", "1", "--out_dir", str(tokenizer_dir)])
     run([sys.executable, "train_full_sft.py", *(f"--{k}={v}" for k, v in SHAPE.items()), "--from_weight", "none",
          "--out_dir", str(out), "--tokenizer_path", str(tokenizer_dir), "--data_path", str(data_file),
@@ -107,3 +111,4 @@ def test_a_tiny_model_trained_on_generated_tool_chats_makes_the_right_calls(tmp_
     assert scores["call_prompts"] == HELD_OUT_SUMS + HELD_OUT_ROOMS
     assert scores["right_call"] >= 0.8, scores
     assert scores["with_tools"]["sum"] > scores["without_tools"]["sum"] + 0.5, scores
+    assert scores["with_tools"]["lookup"] > scores["without_tools"]["lookup"] + 0.5, scores
